@@ -1,0 +1,48 @@
+"""User-facing errors and the command-line wrapper that turns them into one line and exit code 2.
+
+Every mistake a user can make with a recipe, a data file, a checkpoint or a command line raises a
+subclass of `UserError` whose message already names the file / key / line and the fix. Entry points
+wrap their `main` with `run_cli`, so such errors never show a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message is the whole explanation (one line)."""
+
+
+class RecipeError(UserError):
+    """A recipe that does not parse, does not fit the schema or breaks a cross-section rule."""
+
+
+class DataError(UserError):
+    """A training or evaluation data file that cannot be read; the message names file:line."""
+
+
+class CheckpointError(UserError):
+    """A missing, incomplete or incompatible checkpoint or exported model."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run an entry point; a `UserError` becomes `error: <message>` on stderr and exit code 2.
+
+    Args:
+        main: the entry point; returns an exit code or None (meaning 0).
+        argv: arguments without the program name; None reads sys.argv.
+
+    Returns:
+        The process exit code.
+    """
+    try:
+        code = main(argv)
+    except UserError as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0 if code is None else int(code)

@@ -1,0 +1,59 @@
+"""Query instructions for training data, E5 style ("Instruct: {task}\\nQuery: {query}").
+
+The paper follows E5-Mistral: every training query carries a one-sentence task description chosen by
+the row's source dataset; documents carry none. The `e5` preset holds E5-Mistral's task descriptions
+for the public retrieval / similarity sources that make up mixtures such as `yixuantt/ir_data`.
+A recipe's own `data.instructions` entries override the preset, key by key.
+"""
+from __future__ import annotations
+
+from dsembed.config import DataConfig
+
+WEB_SEARCH = "Given a web search query, retrieve relevant passages that answer the query"
+
+E5_INSTRUCTIONS: dict[str, str] = {
+    "default": WEB_SEARCH,
+    "msmarco": WEB_SEARCH,
+    "msmarco_passage": WEB_SEARCH,
+    "msmarco_document": "Given a web search query, retrieve relevant documents that answer the query",
+    "nq": "Given a question, retrieve Wikipedia passages that answer the question",
+    "natural_questions": "Given a question, retrieve Wikipedia passages that answer the question",
+    "triviaqa": "Retrieve Wikipedia passages that answer the question",
+    "trivia": "Retrieve Wikipedia passages that answer the question",
+    "squad": "Retrieve Wikipedia passages that answer the question",
+    "hotpotqa": "Given a multi-hop question, retrieve documents that can help answer the question",
+    "fever": "Given a claim, retrieve documents that support or refute the claim",
+    "eli5": "Provided a user question, retrieve the highest voted answers on Reddit ELI5 forum",
+    "fiqa": "Given a financial question, retrieve user replies that best answer the question",
+    "quora": "Given a question, retrieve questions that are semantically equivalent to the given question",
+    "quora_duplicates": "Given a question, retrieve questions that are semantically equivalent to the given question",
+    "stackexchange": "Retrieve duplicate questions from StackOverflow forum",
+    "nli": "Given a premise, retrieve a hypothesis that is entailed by the premise",
+    "snli": "Given a premise, retrieve a hypothesis that is entailed by the premise",
+    "mnli": "Given a premise, retrieve a hypothesis that is entailed by the premise",
+    "sick": "Given a premise, retrieve a hypothesis that is entailed by the premise",
+    "sts": "Retrieve semantically similar text",
+    "stsb": "Retrieve semantically similar text",
+    "paraphrase": "Retrieve semantically similar text",
+    "mrpc": "Retrieve semantically similar text",
+    "trecqa": "Given a question, retrieve sentences that answer the question",
+    "scifact": "Given a scientific claim, retrieve documents that support or refute the claim",
+}
+
+PRESETS: dict[str, dict[str, str]] = {"e5": E5_INSTRUCTIONS}
+
+
+def query_instructions(data: DataConfig) -> dict[str, str]:
+    """Source name -> task description: the preset (if any) overlaid by the recipe's own entries."""
+    merged = dict(PRESETS[data.instruction_preset]) if data.instruction_preset else {}
+    merged.update(data.instructions)
+    return merged
+
+
+def instruction_for(source: str | None, instructions: dict[str, str]) -> str | None:
+    """The description for a row's source: exact name, then lower-cased, then "default", else None."""
+    if source is not None:
+        for key in (source, source.lower()):
+            if key in instructions:
+                return instructions[key]
+    return instructions.get("default")

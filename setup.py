@@ -1,0 +1,47 @@
+"""dsembed: turn decoder LLMs into text-embedding models; the pooling-and-attention study."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dsembed",
+    version="0.1.0",
+    description="Fine-tune decoder LLMs into embedding models with DeepSpeed; pooling/attention study",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsembed", "dsembed.*", "tools"]),
+    include_package_data=True,
+    package_data={"dsembed": ["resources/*.json", "resources/*.yaml"]},
+    # torch is pinned by the install command (constraints.txt); a range here keeps GPU users free.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "deepspeed>=0.17",
+        "mteb>=2.0,<3",
+        "sentence-transformers>=5.0",
+        "pyyaml>=6",
+        "tensorboard>=2.15",
+        "scipy>=1.10",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "matplotlib>=3.7",
+        "ninja",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5"],
+        "demo": ["chatterbot-corpus>=1.2", "gensim>=4.3"],
+        "dev": ["pytest>=8", "chatterbot-corpus>=1.2", "gensim>=4.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dsembed-train=dsembed.train:cli",
+            "dsembed-consolidate=tools.consolidate:cli",
+            "dsembed-evaluate=tools.evaluate:cli",
+            "dsembed-compare=tools.compare:cli",
+            "dsembed-study=tools.study:cli",
+            "dsembed-demo=tools.demo:cli",
+            "dsembed-bench=tools.bench:cli",
+        ]
+    },
+)
