@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union
 
 import yaml
 
 from dsembed.errors import RecipeError
+from dsembed.strict import from_dict, parse_override, read_yaml_mapping, set_dotted
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2"]
@@ -244,99 +243,7 @@ class Recipe:
         return candidate if candidate.exists() or not p.exists() else p
 
 
-# ----------------------------------------------------------------------------- strict loading
-
-
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check `value` against the annotation `tp` and return it (ints widen to floats)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
-            return value
-        choices = [a for a in get_args(tp) if isinstance(a, str)]
-        hint = difflib.get_close_matches(str(value), choices, n=1)
-        did = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise RecipeError(f"{where}: {key} = {value!r} is not one of {_type_name(tp)}{did}")
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, where)
-            except RecipeError as err:
-                errors.append(err)
-        raise RecipeError(f"{where}: {key} = {value!r} should be {_type_name(tp)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: {key} = {value!r} should be a list ({_type_name(tp)})")
-        (item_tp,) = get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: {key} should be a mapping ({_type_name(tp)})")
-        _, val_tp = get_args(tp)
-        return {str(k): _convert(v, val_tp, f"{key}.{k}", where) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML (YAML 1.1) reads `1e-5` without a dot as a string; accept that spelling of a number.
-        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key, where)
-    raise RecipeError(f"{where}: {key} = {value!r} should be {_type_name(tp)}")
-
-
-def _unknown_key(where: str, key: str, name: str, known: list[str]) -> RecipeError:
-    hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    did = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
-    return RecipeError(f"{where}: unknown key {key}{did}")
-
-
-def _from_dict(cls: type, data: Any, prefix: str, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: {prefix or 'the recipe'} should be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in known:
-            raise _unknown_key(where, key, str(name), known)
-        if name == "pooling" and cls is Recipe:
-            kwargs[name] = _pooling_from_dict(value, where)
-        else:
-            kwargs[name] = _convert(value, hints[name], key, where)
-    return cls(**kwargs)
+# ----------------------------------------------------------------------------- loading
 
 
 def _pooling_from_dict(data: Any, where: str) -> PoolingConfig:
@@ -347,7 +254,7 @@ def _pooling_from_dict(data: Any, where: str) -> PoolingConfig:
         hint = difflib.get_close_matches(str(kind), list(POOLING_TYPES), n=1)
         did = f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(POOLING_TYPES)})"
         raise RecipeError(f"{where}: pooling.type = {kind!r} is not a pooling type{did}")
-    return _from_dict(POOLING_TYPES[kind], data, "pooling", where)
+    return from_dict(POOLING_TYPES[kind], data, "pooling", where)
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "<recipe>") -> Recipe:
@@ -356,31 +263,8 @@ def recipe_from_dict(data: dict[str, Any], where: str = "<recipe>") -> Recipe:
     Raises:
         RecipeError: unknown key, wrong type or bad enum value, naming `where` and the dotted key.
     """
-    recipe = _from_dict(Recipe, data or {}, "", where)
+    recipe = from_dict(Recipe, data or {}, "", where, special={"pooling": _pooling_from_dict})
     return dataclasses.replace(recipe, source=where if where != "<recipe>" else None)
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"{where}: override {dotted}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key.sub=value` with the value parsed as a YAML scalar (or flow list / mapping)."""
-    if "=" not in text or text.startswith("="):
-        raise RecipeError(f"command line: override {text!r} should look like section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -397,26 +281,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         RecipeError: a missing or unparsable file, or any schema violation.
     """
     path = Path(path)
-    where = str(path)
-    if not path.is_file():
-        raise RecipeError(f"{where}: recipe file not found (check the path)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{where}{line}: {problem} (fix the YAML syntax)") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{where}: not UTF-8 text (save the recipe as UTF-8)") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe is a mapping of sections (model:, pooling:, ...)")
+    data = read_yaml_mapping(path, "recipe")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(data, key, value, where)
-    return recipe_from_dict(data, where)
+        set_dotted(data, key, value, str(path))
+    return recipe_from_dict(data, str(path))
 
 
 # ----------------------------------------------------------------------------- cross-section rules
