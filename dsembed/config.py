@@ -130,7 +130,7 @@ class DataConfig:
     """Training data.
 
     `train` entries: a JSONL path (relative paths resolve against the recipe's folder), `hf:<dataset
-    name>[:split]`, `demo:<name>` (pip-installed demo data, see dsembed.demo) or `synthetic:<rows>`
+    name>[:split]`, `demo:<name>` (pip-installed demo data, see dsembed.demo_data) or `synthetic:<rows>`
     (generated, deterministic; tests). Query instructions are looked up by the row's `source`, then
     `default`; documents get none (E5 style, as the paper). `dsembed.instructions.query_instructions` merges preset and explicit ones.
     """
