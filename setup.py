@@ -22,6 +22,8 @@ setup(
         "pyyaml>=6",
         "tensorboard>=2.15",
         "scipy>=1.10",
+        "statsmodels>=0.14",
+        "scikit-learn>=1.3",
         "numpy>=1.24",
         "safetensors>=0.4",
         "gguf>=0.10",

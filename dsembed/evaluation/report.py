@@ -1,0 +1,249 @@
+"""Tables, files and plots: the evaluate screen table and the study comparison report.
+
+`compare()` turns several evaluate results (one per variant) into one comparison record: per
+category the mean over the datasets every variant has, the Wilcoxon test of each variant against
+the baseline (Holm-adjusted over all variant x category tests when asked), and per dataset the
+paired bootstrap interval of (variant - baseline). `write_report()` writes it as Markdown, CSV,
+JSON and PNG.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsembed.errors import UserError
+from dsembed.evaluation import statistics
+from dsembed.evaluation.presets import CATEGORIES, MAIN_METRIC
+
+
+def format_results_table(results: dict[str, Any]) -> str:
+    """A plain-text table of per-task main scores and per-category means (x100)."""
+    lines = [f"{'category':<15} {'task':<40} {'metric':<16} {'score':>7}", "-" * 81]
+    for cat in CATEGORIES:
+        for name, entry in results["tasks"].items():
+            if entry["category"] == cat:
+                lines.append(f"{cat:<15} {name:<40} {entry['main_metric']:<16} {100 * entry['main_score']:>7.2f}")
+    lines.append("-" * 81)
+    for cat, record in results["categories"].items():
+        lines.append(f"{cat:<15} {'mean of ' + str(record['n_tasks']) + ' task(s)':<40} "
+                     f"{MAIN_METRIC[cat]:<16} {100 * record['mean']:>7.2f}")
+    return "\n".join(lines)
+
+
+def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """Variant name (results' model name, else the file stem) -> results dict, in argument order."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"results file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if "tasks" not in data:
+            raise UserError(f"{path}: not a dsembed-evaluate results file (no 'tasks' key)")
+        name = (data.get("model") or {}).get("name") or path.stem
+        if name in out:
+            name = path.stem if path.stem not in out else str(path)
+        out[name] = data
+    return out
+
+
+def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
+            alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The comparison record of all variants against `baseline` (schema in tools/compare.py).
+
+    Raises:
+        UserError: the baseline is not among the variants, or fewer than two variants.
+    """
+    if baseline not in variants:
+        raise UserError(f"--baseline {baseline!r} is not one of the results: {', '.join(variants)}")
+    if len(variants) < 2:
+        raise UserError("compare needs at least two results files")
+    others = [v for v in variants if v != baseline]
+    common = set.intersection(*(set(r["tasks"]) for r in variants.values()))
+    base_tasks = variants[baseline]["tasks"]
+    categories: dict[str, Any] = {}
+    for cat in CATEGORIES:
+        names = sorted(n for n in common if base_tasks[n]["category"] == cat)
+        if not names:
+            continue
+        score = {v: {n: variants[v]["tasks"][n]["main_score"] for n in names} for v in variants}
+        categories[cat] = {
+            "tasks": names,
+            "means": {v: float(np.mean(list(score[v].values()))) for v in variants},
+            "tests": {v: statistics.wilcoxon_test(score[baseline], score[v]).to_dict() for v in others},
+        }
+    tests = [(cat, v) for cat in categories for v in others]
+    adjusted = statistics.holm([categories[c]["tests"][v]["pvalue"] for c, v in tests], alpha) \
+        if use_holm and tests else [None] * len(tests)
+    for (cat, v), p_adj in zip(tests, adjusted):
+        test = categories[cat]["tests"][v]
+        test["p_holm"] = p_adj
+        p = p_adj if use_holm else test["pvalue"]
+        test["significant"] = bool(p is not None and not np.isnan(p) and p < alpha)
+    datasets: dict[str, Any] = {}
+    for name in sorted(common, key=lambda n: (CATEGORIES.index(base_tasks[n]["category"]), n)):
+        cat = base_tasks[name]["category"]
+        record = {"category": cat, "scores": {v: variants[v]["tasks"][name]["main_score"] for v in variants},
+                  "bootstrap": {}}
+        for v in others:
+            a, b = base_tasks[name].get("items"), variants[v]["tasks"][name].get("items")
+            if a and b:
+                try:
+                    record["bootstrap"][v] = statistics.paired_bootstrap(
+                        cat, a, b, n_resamples=n_resamples, seed=seed).to_dict()
+                except ValueError as err:
+                    record["bootstrap"][v] = {"error": str(err)}
+            else:
+                record["bootstrap"][v] = {"error": "no per-item scores in the results"}
+        datasets[name] = record
+    layer_weights = {v: r["layer_weights"] for v, r in variants.items() if r.get("layer_weights")}
+    return {"baseline": baseline, "variants": list(variants), "alpha": alpha, "holm": use_holm,
+            "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
+            "layer_weights": layer_weights}
+
+
+def _mark(test: dict[str, Any] | None) -> str:
+    if not test or not test["significant"]:
+        return ""
+    return " ▲*" if test["mean_difference"] > 0 else " ▼*"
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    """Markdown: variants x categories (best in bold, * = significant vs baseline), then datasets."""
+    cats, base = list(comparison["categories"]), comparison["baseline"]
+    p_name = "Holm-adjusted p" if comparison["holm"] else "p"
+    out = [f"# Comparison against `{base}`", "",
+           f"Category means x100 over the datasets all variants have. ▲*/▼*: Wilcoxon signed-rank "
+           f"(two-sided, paired over datasets) {p_name} < {comparison['alpha']} vs the baseline.", "",
+           "| variant | " + " | ".join(f"{c} ({len(comparison['categories'][c]['tasks'])})" for c in cats) + " |",
+           "|---|" + "---:|" * len(cats)]
+    for v in comparison["variants"]:
+        cells = []
+        for c in cats:
+            record = comparison["categories"][c]
+            text = f"{100 * record['means'][v]:.2f}"
+            if record["means"][v] == max(record["means"].values()):
+                text = f"**{text}**"
+            cells.append(text + _mark(record["tests"].get(v)))
+        out.append(f"| {v}{' (baseline)' if v == base else ''} | " + " | ".join(cells) + " |")
+    out += ["", f"Wilcoxon {p_name} per category:", "", "| variant | " + " | ".join(cats) + " |",
+            "|---|" + "---:|" * len(cats)]
+    for v in comparison["variants"]:
+        if v == base:
+            continue
+        cells = []
+        for c in cats:
+            t = comparison["categories"][c]["tests"][v]
+            p = t["p_holm"] if comparison["holm"] else t["pvalue"]
+            cells.append(f"{p:.3g} (n={t['n']})")
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
+    others = [v for v in comparison["variants"] if v != base]
+    out += ["", "Per dataset x100: variant score, difference to the baseline and its paired bootstrap "
+            "95% interval (* = interval excludes 0).", "",
+            "| dataset | category | " + base + " | " + " | ".join(others) + " |",
+            "|---|---|---:|" + "---:|" * len(others)]
+    for name, d in comparison["datasets"].items():
+        cells = []
+        for v in others:
+            boot = d["bootstrap"][v]
+            text = f"{100 * d['scores'][v]:.2f}"
+            if "error" not in boot:
+                star = "*" if boot["significant"] else ""
+                text += (f" ({100 * boot['difference']:+.2f} [{100 * boot['low']:+.2f}, "
+                         f"{100 * boot['high']:+.2f}]{star})")
+            cells.append(text)
+        out.append(f"| {name} | {d['category']} | {100 * d['scores'][base]:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_csv(comparison: dict[str, Any], path: Path) -> None:
+    """One row per (dataset, variant): scores, bootstrap difference/interval, category test p."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dataset", "category", "variant", "score", "baseline_score", "difference",
+                         "ci_low", "ci_high", "ci_significant", "category_mean", "wilcoxon_p", "holm_p"])
+        base = comparison["baseline"]
+        for name, d in comparison["datasets"].items():
+            cat = comparison["categories"][d["category"]]
+            for v in comparison["variants"]:
+                boot = d["bootstrap"].get(v, {})
+                test = cat["tests"].get(v, {})
+                writer.writerow([name, d["category"], v, d["scores"][v], d["scores"][base],
+                                 boot.get("difference", ""), boot.get("low", ""), boot.get("high", ""),
+                                 boot.get("significant", ""), cat["means"][v], test.get("pvalue", ""),
+                                 test.get("p_holm", "") if test.get("p_holm") is not None else ""])
+
+
+def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
+    """category_means.png, differences.png (bootstrap intervals) and, when any, layer_weights.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written, variants, base = [], comparison["variants"], comparison["baseline"]
+    cats = list(comparison["categories"])
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cats), 3.6))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        means = [100 * comparison["categories"][c]["means"][v] for c in cats]
+        ax.bar(np.arange(len(cats)) + i * width, means, width, label=v)
+    ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, cats)
+    ax.set_ylabel("mean main score x100")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out_dir / "category_means.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    others = [v for v in variants if v != base]
+    fig, axes = plt.subplots(1, len(cats), figsize=(3.2 * len(cats), 3.8), squeeze=False)
+    for ax, c in zip(axes[0], cats):
+        names = comparison["categories"][c]["tasks"]
+        w = 0.8 / max(len(others), 1)
+        for i, v in enumerate(others):
+            boots = [comparison["datasets"][n]["bootstrap"][v] for n in names]
+            diff = np.array([100 * b.get("difference", np.nan) for b in boots])
+            low = np.array([100 * b.get("low", np.nan) for b in boots])
+            high = np.array([100 * b.get("high", np.nan) for b in boots])
+            ax.bar(np.arange(len(names)) + i * w, diff, w, label=v,
+                   yerr=np.nan_to_num(np.vstack([diff - low, high - diff])), capsize=2)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(c)
+    axes[0][0].set_ylabel(f"difference to {base} x100 (95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "differences.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    if comparison["layer_weights"]:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for v, lw in comparison["layer_weights"].items():
+            ax.plot(lw["layers"], lw["norms"], marker="o", label=v)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("L2 norm of learned layer weight")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "layer_weights.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_report(comparison: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write report.md, comparison.csv, comparison.json and the PNG plots into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(markdown(comparison), encoding="utf-8")
+    write_csv(comparison, out_dir / "comparison.csv")
+    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=1), encoding="utf-8")
+    return [out_dir / "report.md", out_dir / "comparison.csv", out_dir / "comparison.json",
+            *plot(comparison, out_dir)]

@@ -1,0 +1,248 @@
+"""Run mteb on dsembed models and keep, next to every main score, the per-item numbers.
+
+mteb computes each score; small hooks on the task instance copy out what it computed on the way:
+- sts: per-pair cosine and normalised gold score (`_calculate_scores`);
+- retrieval: per-query NDCG@10 from mteb's own pytrec_eval run (`task_specific_scores`, mteb's
+  documented per-task hook, receives the per-query scores);
+- classification: per-test-item predictions of each of mteb's logistic-regression experiments
+  (`_run_experiment`), stored as the fraction of experiments that got the item right, whose mean is
+  exactly mteb's accuracy (mean over experiments);
+- clustering (legacy, one k-means per set): each set's labels and assigned clusters
+  (`_compute_metrics`; sets with one label, which mteb scores 1.0 without clustering, are added).
+Each task's main score is recomputed from the items and compared with mteb's, so a change in mteb's
+internals shows up as a warning instead of silently wrong intervals.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import warnings
+from typing import Any, Callable
+
+import mteb
+import numpy as np
+from mteb.abstasks import AbsTask, AbsTaskClusteringLegacy
+
+from dsembed.errors import UserError
+from dsembed.evaluation.encoder import MtebEncoder, TextEncoder
+from dsembed.evaluation.presets import CATEGORY_OF_TYPE, MAIN_METRIC, PRESETS, default_instruction
+from dsembed.evaluation.statistics import item_score
+from dsembed.evaluation.tasks import limit_task
+
+logger = logging.getLogger(__name__)
+RESULTS_FORMAT = "dsembed-eval/1"
+
+
+def category_of(task: AbsTask) -> str:
+    """The study category of an mteb task; UserError for types the study does not use."""
+    category = CATEGORY_OF_TYPE.get(task.metadata.type)
+    if category is None:
+        raise UserError(f"task {task.metadata.name} is of type {task.metadata.type}; dsembed evaluates "
+                        "STS, Retrieval, Classification and Clustering tasks")
+    return category
+
+
+def named_tasks(names: list[str]) -> list[AbsTask]:
+    """mteb task objects for preset names (paper-sts, ..., paper-all) and task names."""
+    expanded: list[str] = []
+    for name in names:
+        for task in PRESETS.get(name, [name]):
+            if task not in expanded:
+                expanded.append(task)
+    try:
+        tasks = list(mteb.get_tasks(tasks=expanded, languages=["eng"]))
+    except KeyError as err:
+        detail = str(err.args[0] if err.args else err).removeprefix("KeyError: ")
+        raise UserError(f"unknown task ({detail}); use a preset ({', '.join(PRESETS)}), an mteb task "
+                        "name, or --tasks-dir for local tasks") from None
+    found = {t.metadata.name for t in tasks}
+    missing = [n for n in expanded if n not in found]
+    if missing:
+        raise UserError(f"unknown mteb task(s) {missing}; presets: {', '.join(PRESETS)}")
+    for task in tasks:
+        category_of(task)
+    return sorted(tasks, key=lambda t: expanded.index(t.metadata.name))
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return (ConnectionError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+
+
+def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = 42) -> None:
+    """Load every task's data (before any model is loaded) and apply --limit.
+
+    Raises:
+        UserError: a named task's data cannot be downloaded (hub unreachable), or a local file is bad.
+    """
+    for task in tasks:
+        try:
+            task.load_data()
+        except _hub_errors() as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"the Hugging Face hub is unreachable (loading task {task.metadata.name}: "
+                            f"{first}); evaluate local tasks with --tasks-dir ROOT instead") from None
+        if limit is not None:
+            limit_task(task, limit, seed)
+
+
+def resolve_instructions(tasks: list[AbsTask], overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Task name -> query instruction (E5 defaults, the task's own, then `overrides`; "" = none)."""
+    names = {t.metadata.name for t in tasks}
+    unknown = sorted(set(overrides or {}) - names)
+    if unknown:
+        raise UserError(f"--instruction names task(s) {unknown} that are not evaluated; tasks: {sorted(names)}")
+    chosen = {t.metadata.name: default_instruction(t.metadata.name, category_of(t),
+                                                   getattr(t, "own_instruction", None))
+              for t in tasks}
+    chosen.update(overrides or {})
+    return {name: text for name, text in chosen.items() if text}
+
+
+def _wrap(task: AbsTask, attr: str, after: Callable[..., None]) -> None:
+    """Replace a bound method on this instance only; `after(result, *args, **kwargs)` observes."""
+    original = getattr(task, attr)
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        after(result, *args, **kwargs)
+        return result
+
+    setattr(task, attr, hooked)
+
+
+def _install_capture(task: AbsTask, category: str, store: dict[str, dict]) -> None:
+    """Hooks that copy mteb's per-item numbers into store[subset]."""
+    if category == "clustering" and not isinstance(task, AbsTaskClusteringLegacy):
+        return  # "fast" clustering scores internal resamples: no per-item record, no bootstrap
+    state: dict[str, Any] = {"subset": "default"}
+    original_subset = task._evaluate_subset
+
+    def evaluate_subset(model, data_split, *args, **kwargs):
+        state["subset"] = kwargs.get("hf_subset", "default")
+        store[state["subset"]] = {"sets": []} if category == "clustering" else {}
+        result = original_subset(model, data_split, *args, **kwargs)
+        if category == "clustering" and isinstance(task, AbsTaskClusteringLegacy):
+            sets, recorded = [], iter(store[state["subset"]]["sets"])
+            for row in data_split:  # mteb skips sets with a single label (V-measure 1.0)
+                labels = [str(x) for x in row[task.label_column_name]]
+                sets.append(next(recorded) if len(set(labels)) > 1
+                            else {"labels": labels, "clusters": [0] * len(labels)})
+            store[state["subset"]]["sets"] = sets
+        return result
+
+    task._evaluate_subset = evaluate_subset
+
+    if category == "sts":
+        def sts(result, scores, normalized, *a, **k):
+            store[state["subset"]].update(cosine=[float(x) for x in scores["cosine_scores"]],
+                                          gold=[float(x) for x in normalized])
+        _wrap(task, "_calculate_scores", sts)
+    elif category == "retrieval":
+        def retrieval(result, scores, *a, **k):
+            ids = sorted(scores)
+            store[k.get("hf_subset", state["subset"])].update(
+                query_ids=ids, ndcg_at_10=[float(scores[q]["ndcg_cut_10"]) for q in ids])
+        _wrap(task, "task_specific_scores", retrieval)
+    elif category == "classification":
+        def classification(result, train_split, eval_split, *a, **k):
+            gold = np.asarray(eval_split[task.label_column_name])
+            record = store[state["subset"]]
+            record.setdefault("predictions", []).append(result[1])
+            record["gold"] = [str(x) for x in gold.tolist()]
+            hits = [np.asarray(p) == gold for p in record["predictions"]]
+            record["correct"] = np.mean(hits, axis=0).tolist()
+        _wrap(task, "_run_experiment", classification)
+    else:
+        def clustering(result, labels, assignment, *a, **k):
+            store[state["subset"]]["sets"].append({"labels": [str(x) for x in labels],
+                                                   "clusters": [int(x) for x in assignment]})
+        _wrap(task, "_compute_metrics", clustering)
+
+
+def _main_score(task_result, task: AbsTask) -> tuple[float, dict[str, Any]]:
+    split = task.metadata.eval_splits[0]
+    per_subset = task_result.scores[split]
+    main = float(np.mean([s["main_score"] for s in per_subset]))
+    return main, {s["hf_subset"]: {k: v for k, v in s.items() if isinstance(v, (int, float))}
+                  for s in per_subset}
+
+
+def evaluate_tasks(model: TextEncoder, tasks: list[AbsTask], *, model_name: str = "model",
+                   instructions: dict[str, str] | None = None, batch_size: int = 32,
+                   show_progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate `model` on loaded mteb tasks; the results dict that evaluate writes as JSON.
+
+    Args:
+        model: EmbeddingModel or any object with a matching `encode`.
+        tasks: mteb tasks, ideally already loaded by `prepare_tasks`.
+        model_name: recorded in the results and used as the variant name by compare.
+        instructions: task name -> query instruction (see `resolve_instructions`).
+        batch_size: encode batch size.
+        show_progress: passed to the model's encode.
+        log: where per-task progress lines go.
+
+    Returns:
+        {"format", "model": {"name"}, "mteb_version", "created", "tasks": {name: {...}},
+         "categories": {category: {"mean", "n_tasks", "tasks"}}} (schema in tools/evaluate.py).
+    """
+    instructions = resolve_instructions(tasks) if instructions is None else instructions
+    encoder = MtebEncoder(model, instructions, name=model_name, batch_size=batch_size,
+                          show_progress=show_progress)
+    results: dict[str, Any] = {}
+    for number, task in enumerate(tasks, start=1):
+        name, category = task.metadata.name, category_of(task)
+        log(f"[{number}/{len(tasks)}] {name} ({category})")
+        items: dict[str, dict] = {}
+        _install_capture(task, category, items)
+        with warnings.catch_warnings():
+            # sklearn warns about ill-defined precision on tiny or limited test sets; the study
+            # reads accuracy only.
+            warnings.filterwarnings("ignore", module=r"sklearn\.")
+            # cache=None: mteb's default cache would return stale scores for a reused model name.
+            outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
+                                    encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
+                                    show_progress_bar=False, raise_error=True)
+        main, scores = _main_score(outcome.task_results[0], task)
+        for record in items.values():
+            record.pop("predictions", None)
+        entry = {"category": category, "type": task.metadata.type, "main_metric": MAIN_METRIC[category],
+                 "main_score": main, "split": task.metadata.eval_splits[0],
+                 "instruction": instructions.get(name), "source": str(getattr(task, "task_dir", "mteb")),
+                 "scores": scores, "items": items or None}
+        if items and all(items.values()):
+            entry["items_score"] = item_score(category, items)
+            if not math.isclose(entry["items_score"], main, abs_tol=1e-4):
+                logger.warning("%s: score recomputed from items %.5f differs from mteb's %.5f",
+                               name, entry["items_score"], main)
+        else:
+            entry["items"] = None
+        results[name] = entry
+        log(f"    {MAIN_METRIC[category]} = {main:.4f}")
+    return {"format": RESULTS_FORMAT, "model": {"name": model_name}, "mteb_version": mteb.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tasks": results, "categories": category_means(results)}
+
+
+def category_means(tasks: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per category: mean main score over its tasks, their number and names."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in tasks.items():
+        out.setdefault(entry["category"], {"tasks": []})["tasks"].append(name)
+    for category, record in out.items():
+        record["mean"] = float(np.mean([tasks[n]["main_score"] for n in record["tasks"]]))
+        record["n_tasks"] = len(record["tasks"])
+    return out
+
+
+def layer_weight_info(model: Any) -> dict[str, list] | None:
+    """Per-layer L2 norms of a multi-layer head's `layer_weights` [K, D] and the layer indices."""
+    pooler = getattr(model, "pooler", None)
+    weights = getattr(pooler, "layer_weights", None)
+    if weights is None:
+        return None
+    norms = weights.detach().float().norm(dim=-1).cpu().tolist()  # [K]
+    layers = list(getattr(pooler, "tapped_layers", []) or range(1, len(norms) + 1))
+    return {"layers": [int(x) for x in layers], "norms": [float(x) for x in norms]}

@@ -1,0 +1,189 @@
+"""Significance tests for the study: Wilcoxon over datasets, paired bootstrap over items, Holm.
+
+As in the paper, a category's variants are compared with a two-sided Wilcoxon signed-rank test
+paired over the category's datasets (scipy.stats.wilcoxon). Per dataset, a paired bootstrap
+resamples the dataset's items (the same resampled items for both models) and recomputes each
+model's score, giving a percentile 95% interval for the difference (variant - baseline):
+- sts: pairs; Spearman (scipy) of cosine against gold on the resampled pairs;
+- retrieval: queries; mean per-query NDCG@10 (mteb's pytrec_eval numbers, paired by query id);
+- classification: test items; mean per-item correctness (averaged over mteb's 10 classifiers);
+- clustering: items, resampled within each cluster set; V-measure (sklearn) of the fixed k-means
+  assignment on the resampled items, averaged over sets. The clustering itself is not refit, so
+  the interval covers sampling of items, not k-means' own randomness.
+Subsets (languages) are resampled separately and averaged, like mteb's main score.
+Holm's step-down correction comes from statsmodels.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr, wilcoxon
+from sklearn.metrics import v_measure_score
+
+
+@dataclass(frozen=True)
+class WilcoxonResult:
+    """Two-sided Wilcoxon signed-rank test of variant vs baseline over n paired datasets."""
+
+    statistic: float
+    pvalue: float
+    n: int
+    mean_difference: float  # mean over datasets of (variant - baseline)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Paired bootstrap of (variant - baseline) on one dataset."""
+
+    difference: float  # on the full data
+    low: float
+    high: float
+    n_resamples: int
+    confidence: float
+
+    @property
+    def significant(self) -> bool:
+        """True when the interval excludes zero."""
+        return self.low > 0 or self.high < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "significant": self.significant}
+
+
+def wilcoxon_test(baseline: dict[str, float], variant: dict[str, float]) -> WilcoxonResult:
+    """Wilcoxon signed-rank test paired over the datasets both dicts score.
+
+    Args:
+        baseline: dataset name -> main score of the baseline.
+        variant: dataset name -> main score of the variant.
+
+    Returns:
+        The statistic and two-sided p-value (scipy's exact distribution for small n without ties);
+        p = 1.0 when every difference is zero, NaN when no dataset is shared.
+    """
+    names = sorted(set(baseline) & set(variant))
+    a = np.array([baseline[n] for n in names], dtype=float)
+    b = np.array([variant[n] for n in names], dtype=float)
+    if not names:
+        return WilcoxonResult(float("nan"), float("nan"), 0, float("nan"))
+    diff = float(np.mean(b - a))
+    if np.all(b - a == 0):
+        return WilcoxonResult(0.0, 1.0, len(names), diff)
+    result = wilcoxon(b, a, alternative="two-sided")
+    return WilcoxonResult(float(result.statistic), float(result.pvalue), len(names), diff)
+
+
+def holm(pvalues: list[float], alpha: float = 0.05) -> list[float]:
+    """Holm-adjusted p-values (statsmodels multipletests, method "holm"); NaNs pass through."""
+    from statsmodels.stats.multitest import multipletests
+
+    values = np.asarray(pvalues, dtype=float)
+    adjusted = np.full_like(values, np.nan)
+    ok = ~np.isnan(values)
+    if ok.any():
+        adjusted[ok] = multipletests(values[ok], alpha=alpha, method="holm")[1]
+    return adjusted.tolist()
+
+
+# --- per-item scores -------------------------------------------------------------------------
+
+def _sts(items: dict, idx: np.ndarray) -> float:
+    gold = np.asarray(items["gold"])[idx]
+    cos = np.asarray(items["cosine"])[idx]
+    return float(spearmanr(gold, cos)[0])
+
+
+def _mean_of(key: str):
+    def score(items: dict, idx: np.ndarray) -> float:
+        return float(np.mean(np.asarray(items[key], dtype=float)[idx]))
+    return score
+
+
+def _clustering(items: dict, idx: list[np.ndarray]) -> float:
+    values = [v_measure_score(np.asarray(s["labels"])[i], np.asarray(s["clusters"])[i])
+              for s, i in zip(items["sets"], idx)]
+    return float(np.mean(values))
+
+
+_SCORE = {"sts": _sts, "retrieval": _mean_of("ndcg_at_10"),
+          "classification": _mean_of("correct"), "clustering": _clustering}
+
+
+def _sizes(category: str, items: dict) -> list[int] | int:
+    if category == "clustering":
+        return [len(s["labels"]) for s in items["sets"]]
+    key = {"sts": "gold", "retrieval": "ndcg_at_10", "classification": "correct"}[category]
+    return len(items[key])
+
+
+def _full_index(category: str, items: dict):
+    sizes = _sizes(category, items)
+    return [np.arange(n) for n in sizes] if isinstance(sizes, list) else np.arange(sizes)
+
+
+def item_score(category: str, items_by_subset: dict[str, dict]) -> float:
+    """A task's main score recomputed from its kept items (mean over subsets, as mteb)."""
+    return float(np.mean([_SCORE[category](items, _full_index(category, items))
+                          for items in items_by_subset.values()]))
+
+
+def _align(category: str, base: dict, var: dict) -> tuple[dict, dict]:
+    """Pair retrieval queries by id; check the other categories hold the same items."""
+    if category == "retrieval":
+        common = sorted(set(base["query_ids"]) & set(var["query_ids"]))
+        pick = lambda it: {"query_ids": common, "ndcg_at_10": [  # noqa: E731
+            dict(zip(it["query_ids"], it["ndcg_at_10"]))[q] for q in common]}
+        return pick(base), pick(var)
+    if _sizes(category, base) != _sizes(category, var):
+        raise ValueError(f"{category} items differ in number between the two results "
+                         "(were they evaluated with the same --limit and data?)")
+    return base, var
+
+
+def paired_bootstrap(category: str, baseline: dict[str, dict], variant: dict[str, dict],
+                     n_resamples: int = 1000, confidence: float = 0.95,
+                     seed: int = 0) -> BootstrapResult:
+    """Paired percentile bootstrap interval of (variant - baseline) for one dataset.
+
+    Args:
+        category: "sts", "retrieval", "classification" or "clustering".
+        baseline: the baseline's `items` for the task (subset -> per-item record, see run.py).
+        variant: the variant's `items` for the same task.
+        n_resamples: bootstrap resamples.
+        confidence: interval coverage.
+        seed: numpy Generator seed (results are reproducible).
+
+    Returns:
+        The full-data difference and the percentile interval.
+
+    Raises:
+        ValueError: the two results do not hold the same items.
+    """
+    rng = np.random.default_rng(seed)
+    score = _SCORE[category]
+    pairs = [_align(category, baseline[s], variant[s]) for s in sorted(set(baseline) & set(variant))]
+    if not pairs:
+        raise ValueError("the two results share no subset of this task")
+
+    def difference(draw: bool) -> float:
+        diffs = []
+        for base, var in pairs:
+            sizes = _sizes(category, base)
+            if isinstance(sizes, list):
+                idx = [rng.integers(0, n, n) if draw else np.arange(n) for n in sizes]
+            else:
+                idx = rng.integers(0, sizes, sizes) if draw else np.arange(sizes)
+            diffs.append(score(var, idx) - score(base, idx))
+        return float(np.mean(diffs))
+
+    full = difference(draw=False)
+    draws = np.array([difference(draw=True) for _ in range(n_resamples)])
+    draws = draws[~np.isnan(draws)]  # a degenerate resample (constant ranks) has no Spearman
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail]) if draws.size else (np.nan, np.nan)
+    return BootstrapResult(full, float(low), float(high), n_resamples, confidence)

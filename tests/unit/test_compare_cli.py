@@ -1,0 +1,95 @@
+"""dsembed-compare writes the Markdown table, CSV, JSON and PNG plots from two results files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dsembed.evaluation.run import category_means
+from dsembed.evaluation.statistics import item_score
+from tools.compare import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fake_results(name: str, quality: float, seed: int, layer_weights: bool = False) -> dict:
+    """Results in the dsembed-evaluate schema; higher `quality` = less noise on every task."""
+    rng = np.random.default_rng(seed)
+    data = np.random.default_rng(99)  # the items themselves are shared by both variants
+    tasks = {}
+    for i in range(6):
+        gold = data.normal(size=120)
+        items = {"gold": gold.tolist(), "cosine": (gold + rng.normal(scale=1.5 - quality, size=120)).tolist()}
+        tasks[f"STS{i}"] = ("sts", items)
+    for i in range(2):
+        ids = [f"q{j}" for j in range(50)]
+        tasks[f"Retr{i}"] = ("retrieval", {"query_ids": ids,
+                                           "ndcg_at_10": np.clip(rng.normal(quality / 2, 0.2, 50), 0, 1).tolist()})
+        tasks[f"Cls{i}"] = ("classification", {"gold": ["x"] * 80,
+                                                "correct": (rng.random(80) < 0.5 + quality / 3).astype(float).tolist()})
+    labels = np.repeat(["a", "b"], 30)
+    clusters = np.where(rng.random(60) < quality, np.repeat([0, 1], 30), rng.integers(0, 2, 60))
+    tasks["Clu0"] = ("clustering", {"sets": [{"labels": labels.tolist(), "clusters": clusters.tolist()}]})
+    metric = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10", "classification": "accuracy",
+              "clustering": "v_measure"}
+    entries = {}
+    for task, (cat, items) in tasks.items():
+        score = item_score(cat, {"default": items})
+        entries[task] = {"category": cat, "main_metric": metric[cat], "main_score": score,
+                         "items_score": score, "items": {"default": items}}
+    out = {"format": "dsembed-eval/1", "model": {"name": name}, "tasks": entries,
+           "categories": category_means(entries), "layer_weights": None}
+    if layer_weights:
+        out["layer_weights"] = {"layers": [1, 2, 3, 4], "norms": [0.2, 0.4, 0.9, 1.3]}
+    return out
+
+
+def test_compare_writes_table_csv_json_png(tmp_path, capsys):
+    paths = []
+    for name, quality, lw in (("model1", 0.3, False), ("model5", 0.9, True)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_fake_results(name, quality, seed=len(paths), layer_weights=lw)))
+    out = tmp_path / "report"
+    assert main([*map(str, paths), "--baseline", "model1", "--output", str(out), "--resamples", "200"]) == 0
+    for png in ("category_means.png", "differences.png", "layer_weights.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    comparison = json.loads((out / "comparison.json").read_text())
+    sts = comparison["categories"]["sts"]
+    assert sts["tests"]["model5"]["pvalue"] == 2 / 64  # all six STS datasets improve
+    assert sts["tests"]["model5"]["significant"]
+    assert comparison["datasets"]["STS0"]["bootstrap"]["model5"]["low"] > 0
+    assert comparison["layer_weights"]["model5"]["layers"] == [1, 2, 3, 4]
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| model5 |"))
+    assert f"**{100 * sts['means']['model5']:.2f}** ▲*" in row
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert len(rows) == 11 * 2 and {r["variant"] for r in rows} == {"model1", "model5"}
+    assert "written:" in capsys.readouterr().out
+
+
+def test_compare_holm_adjusts_category_p_values(tmp_path):
+    paths = []
+    for name, quality in (("a", 0.3), ("b", 0.9)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_fake_results(name, quality, seed=len(paths))))
+    assert main([*map(str, paths), "--baseline", "a", "--output", str(tmp_path / "r"), "--holm",
+                 "--resamples", "50"]) == 0
+    comparison = json.loads((tmp_path / "r" / "comparison.json").read_text())
+    test = comparison["categories"]["sts"]["tests"]["b"]
+    assert comparison["holm"] and test["p_holm"] >= test["pvalue"]
+
+
+def test_compare_unknown_baseline_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(_fake_results("x", 0.5, 0)))
+    done = subprocess.run([sys.executable, "-m", "tools.compare", str(path), str(path), "--baseline", "nope",
+                           "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --baseline 'nope' is not one of the results")

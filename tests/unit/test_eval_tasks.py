@@ -1,0 +1,204 @@
+"""Local MTEB tasks of all four types load and score through mteb itself; CLI errors are one line.
+
+The model is a deterministic stand-in (hashed bag of character trigrams) with the EmbeddingModel
+`encode` contract, so these tests do not depend on the modeling code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsembed.errors import DataError, UserError
+from dsembed.evaluation import run
+from dsembed.evaluation.presets import E5_TASK_INSTRUCTIONS, PRESETS
+from dsembed.evaluation.tasks import limit_task, load_local_tasks
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_TASKS = REPO.parent / "shared" / "data" / "tasks"
+
+
+class HashEncoder:
+    """Hashed character-trigram counts, L2-normalised; records (instruction, n_texts) per call."""
+
+    def __init__(self, dim: int = 512) -> None:
+        self.dim = dim
+        self.calls: list[tuple[str | None, int]] = []
+
+    def encode(self, texts, instruction=None, batch_size=32, show_progress=False) -> np.ndarray:
+        self.calls.append((instruction, len(texts)))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            padded = f" {text.lower()} "
+            for i in range(len(padded) - 2):
+                out[row, zlib.crc32(padded[i:i + 3].encode()) % self.dim] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+TOPICS = {
+    "space": "rocket orbit planet galaxy astronaut telescope comet lunar",
+    "food": "bread cheese pasta tomato recipe oven garlic butter",
+    "music": "guitar melody concert drum violin chorus rhythm piano",
+    "sport": "football goal referee stadium tennis sprint medal coach",
+}
+
+
+def _sentence(rng: np.random.Generator, topic: str, n: int = 5) -> str:
+    return " ".join(rng.choice(TOPICS[topic].split(), size=n))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def task_root(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("tasks")
+    topics = list(TOPICS)
+    sts = []
+    for i in range(24):  # same topic -> high gold score, other topic -> low
+        a, b = topics[i % 4], topics[(i // 2) % 4]
+        sts.append({"sentence1": _sentence(rng, a), "sentence2": _sentence(rng, b),
+                    "score": 4.5 if a == b else 0.5 + (i % 3) * 0.3})
+    _write_jsonl(root / "sts" / "TinySTS" / "test.jsonl", sts)
+    docs = [{"_id": f"d{i}", "title": topics[i % 4], "text": _sentence(rng, topics[i % 4], 8)}
+            for i in range(16)]
+    _write_jsonl(root / "retrieval" / "TinyRetrieval" / "corpus.jsonl", docs)
+    _write_jsonl(root / "retrieval" / "TinyRetrieval" / "queries.jsonl",
+                 [{"_id": f"q{i}", "text": docs[i]["text"].split()[0] + " " + docs[i]["text"].split()[1]}
+                  for i in range(8)])
+    qrels = root / "retrieval" / "TinyRetrieval" / "qrels" / "test.tsv"
+    qrels.parent.mkdir(parents=True)
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
+    for split, n in (("train", 10), ("test", 6)):
+        _write_jsonl(root / "classification" / "TinyClassification" / f"{split}.jsonl",
+                     [{"text": _sentence(rng, t), "label": t} for t in topics for _ in range(n)])
+    sets = []
+    for _ in range(2):
+        chosen = topics[:3]
+        sets.append({"sentences": [_sentence(rng, t) for t in chosen for _ in range(6)],
+                     "labels": [t for t in chosen for _ in range(6)]})
+    sets.append({"sentences": [_sentence(rng, "food") for _ in range(4)], "labels": ["food"] * 4})
+    _write_jsonl(root / "clustering" / "TinyClustering" / "test.jsonl", sets)
+    return root
+
+
+def test_all_four_local_types_score_through_mteb(task_root):
+    tasks = load_local_tasks(task_root)
+    assert [t.metadata.type for t in tasks] == ["STS", "Retrieval", "Classification", "Clustering"]
+    run.prepare_tasks(tasks)
+    model = HashEncoder()
+    results = run.evaluate_tasks(model, tasks, model_name="hash", log=lambda _: None)
+    by_name = results["tasks"]
+    assert set(results["categories"]) == {"sts", "retrieval", "classification", "clustering"}
+    for name, entry in by_name.items():
+        # The per-item numbers reproduce mteb's own main score.
+        assert entry["items_score"] == pytest.approx(entry["main_score"], abs=1e-4), name
+    assert by_name["TinySTS"]["main_metric"] == "cosine_spearman"
+    assert by_name["TinySTS"]["main_score"] > 0.3
+    assert len(by_name["TinySTS"]["items"]["default"]["cosine"]) == 24
+    assert by_name["TinyRetrieval"]["items"]["default"]["query_ids"] == sorted(f"q{i}" for i in range(8))
+    assert by_name["TinyClassification"]["main_score"] > 0.8
+    assert len(by_name["TinyClassification"]["items"]["default"]["correct"]) == 24
+    sets = by_name["TinyClustering"]["items"]["default"]["sets"]
+    assert [len(s["labels"]) for s in sets] == [18, 18, 4]  # the one-label set is kept, too
+    assert by_name["TinyClustering"]["main_score"] > 0.5
+    # Retrieval documents carry no instruction; everything else carries the task's.
+    instructions = {instr for instr, _ in model.calls}
+    assert None in instructions
+    assert {i for i in instructions if i} == {by_name[n]["instruction"] for n in by_name}
+    assert json.loads(json.dumps(results))["format"] == "dsembed-eval/1"
+
+
+def test_instructions_e5_defaults_and_overrides(task_root, tmp_path):
+    banking = tmp_path / "classification" / "Banking77"
+    _write_jsonl(banking / "train.jsonl", [{"text": "a", "label": "x"}])
+    _write_jsonl(banking / "test.jsonl", [{"text": "a", "label": "x"}])
+    chosen = run.resolve_instructions(load_local_tasks(tmp_path))
+    assert chosen["Banking77"] == E5_TASK_INSTRUCTIONS["Banking77Classification"]
+    tasks = load_local_tasks(task_root)
+    chosen = run.resolve_instructions(tasks, {"TinySTS": "Judge similarity", "TinyClustering": ""})
+    assert chosen["TinySTS"] == "Judge similarity"
+    assert "TinyClustering" not in chosen  # "" means no instruction
+    with pytest.raises(UserError, match="NoSuchTask"):
+        run.resolve_instructions(tasks, {"NoSuchTask": "x"})
+    assert len(PRESETS["paper-all"]) == 8 + 14 + 6 + 11
+
+
+def test_limit_task_keeps_relevant_documents(task_root):
+    tasks = load_local_tasks(task_root)
+    run.prepare_tasks(tasks, limit=3)
+    sts, retrieval, classification, clustering = tasks
+    assert len(sts.dataset["test"]) == 3
+    split = retrieval.dataset["default"]["test"]
+    assert len(split["queries"]) == 3
+    needed = {d for docs in split["relevant_docs"].values() for d in docs}
+    assert needed <= set(split["corpus"]["id"])
+    assert len(classification.dataset["test"]) == 3
+    assert sum(len(s) for s in clustering.dataset["test"]["sentences"]) == 3
+
+
+def test_bad_local_file_names_file_and_line(tmp_path):
+    path = tmp_path / "sts" / "Bad" / "test.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:2: missing key"):
+        run.prepare_tasks(load_local_tasks(tmp_path))
+
+
+def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.evaluate", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+
+def test_cli_missing_tasks_dir_is_one_line_exit_2(tmp_path):
+    done = _cli([str(tmp_path), "--tasks-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "r.json")])
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert "does not exist" in done.stderr and "nope" in done.stderr
+
+
+def test_cli_unreachable_hub_is_one_line_exit_2(tmp_path):
+    done = _cli([str(tmp_path), "--tasks", "STSBenchmark", "--output", str(tmp_path / "r.json")],
+                HF_HUB_OFFLINE="1")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "hub is unreachable" in lines[0] and "--tasks-dir" in lines[0]
+
+
+@pytest.mark.skipif(not SHARED_TASKS.is_dir(), reason="../shared/data/tasks is absent")
+def test_smoke_on_shared_tasks_with_limit():
+    tasks = load_local_tasks(SHARED_TASKS)
+    run.prepare_tasks(tasks, limit=40)
+    results = run.evaluate_tasks(HashEncoder(dim=256), tasks, model_name="hash", log=lambda _: None)
+    assert {e["category"] for e in results["tasks"].values()} == {"sts", "retrieval", "classification",
+                                                                  "clustering"}
+    for name, entry in results["tasks"].items():
+        assert 0.0 <= entry["main_score"] <= 1.0 or entry["category"] == "sts", name
+        assert entry["items_score"] == pytest.approx(entry["main_score"], abs=1e-4), name
+
+
+def test_layer_weight_info_reads_row_norms_of_the_head():
+    import torch
+
+    class Pooler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer_weights = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))  # [K=2, D=2]
+            self.tapped_layers = [7, 8]
+
+    class Model:
+        pooler = Pooler()
+
+    assert run.layer_weight_info(Model()) == {"layers": [7, 8], "norms": [5.0, 1.0]}
+    assert run.layer_weight_info(HashEncoder()) is None
