@@ -1,0 +1,328 @@
+"""EmbeddingModel = decoder backbone (+ LoRA) + pooling head (+ L2 normalisation); build, encode, save, load.
+
+Saved folder:
+    recipe.yaml         the resolved recipe the model was built from
+    dsembed.json        format version, pooling type, dim, base model, tapped layers, LoRA state
+    backbone/           transformers save_pretrained (LoRA merged in, unless merge_lora=False)
+    adapter/            peft adapter, only when saved with merge_lora=False
+    pooler.safetensors  the head's parameters (absent tensors for parameter-free heads)
+    tokenizer/          the tokenizer
+
+Shapes: B batch, T tokens, D hidden size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from dsembed.config import MultiLayerAttentionPooling, Recipe, recipe_from_dict, resolve_layers
+from dsembed.errors import CheckpointError, RecipeError
+from dsembed.modeling.attention import set_attention_mode
+from dsembed.modeling.backbone import DTYPES, load_backbone, num_decoder_layers, unwrap
+from dsembed.modeling.layers import LayerTaps
+from dsembed.modeling.pooling import Pooler, build_pooler
+from dsembed.tokenization import tokenize_texts
+
+FORMAT_VERSION = 1
+
+
+class EmbeddingModel(nn.Module):
+    """A decoder backbone and a pooling head that map token ids to one embedding per text.
+
+    Args:
+        backbone: transformers base model (no LM head), possibly a peft `PeftModel`.
+        pooler: the head; its `tapped_layers` are pooled by forward hooks during the backbone pass.
+        tokenizer: the backbone's tokenizer.
+        recipe: the recipe it was built from (tokenization, normalisation, query template).
+    """
+
+    def __init__(self, backbone: nn.Module, pooler: Pooler, tokenizer: Any, recipe: Recipe):
+        super().__init__()
+        self.backbone = backbone
+        self.pooler = pooler
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        """Embedding width D (the backbone's hidden size)."""
+        return int(unwrap(self.backbone).config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embed a tokenized batch.
+
+        Args:
+            input_ids: [B, T] token ids, left or right padded.
+            attention_mask: [B, T], 1 for real tokens.
+
+        Returns:
+            [B, D] embeddings, L2-normalised when recipe.model.normalize.
+        """
+        # positions count real tokens only, so a padded text sees exactly its unpadded positions
+        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [B, T]
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        layer_means = None
+        if self.pooler.tapped_layers:
+            taps = LayerTaps(self.backbone, self.pooler.tapped_layers)
+            with taps.capture(attention_mask):
+                out = self.backbone(**kwargs)
+            layer_means = taps.stacked()  # [B, K, D]
+        else:
+            out = self.backbone(**kwargs)
+        emb = self.pooler(out.last_hidden_state, attention_mask, layer_means)  # [B, D]
+        if self.recipe.model.normalize:
+            emb = F.normalize(emb.float(), dim=-1).to(emb.dtype)  # [B, D]
+        return emb
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize as training does: EOS appended, truncation to max_length, recipe padding side."""
+        m = self.recipe.model
+        return tokenize_texts(self.tokenizer, texts, m.max_length, m.padding_side, m.append_eos)
+
+    def format_query(self, text: str, instruction: str | None) -> str:
+        """`text` inside recipe.data.query_template with `instruction`; unchanged without one."""
+        if not instruction:
+            return text
+        return self.recipe.data.query_template.format(instruction=instruction, query=text)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        """Embed texts in eval mode, longest first (fewer pad tokens), returned in input order.
+
+        Args:
+            texts: the strings.
+            instruction: a query instruction (formatted with recipe.data.query_template); None: none.
+            batch_size: texts per forward.
+            show_progress: a tqdm bar.
+
+        Returns:
+            float32 array [N, D].
+        """
+        texts = [self.format_query(t, instruction) for t in texts]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        device = self.device
+        starts = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="encode", unit="batch")
+        try:
+            for start in starts:
+                idx = order[start:start + batch_size]
+                batch = self.tokenize([texts[i] for i in idx])
+                emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [b, D]
+                out[idx] = emb.float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters of the pooling head."""
+        return (p for p in self.pooler.parameters() if p.requires_grad)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters of the backbone (the LoRA weights when LoRA is on)."""
+        return (p for p in self.backbone.parameters() if p.requires_grad)
+
+    def backbone_parameters_named(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) for the trainable backbone parameters."""
+        return ((n, p) for n, p in self.backbone.named_parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------------- persistence
+
+    def save(self, directory: str | Path, merge_lora: bool = True) -> Path:
+        """Write the model folder (layout in the module docstring). Parameters must be whole (not ZeRO-3 shards).
+
+        Args:
+            directory: created if needed.
+            merge_lora: fold LoRA into the backbone weights (out of place: this model keeps training
+                unchanged); False writes the base weights and the adapter separately.
+
+        Returns:
+            The folder.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        base = unwrap(self.backbone)
+        is_peft = hasattr(self.backbone, "peft_config")
+        lora_state = "none"
+        if is_peft:
+            lora_state = "merged" if merge_lora else "adapter"
+            base.save_pretrained(out / "backbone", state_dict=_plain_state_dict(base, merge=merge_lora))
+            if not merge_lora:
+                self.backbone.save_pretrained(out / "adapter")
+        else:
+            base.save_pretrained(out / "backbone")
+        pooler_state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
+        save_file(pooler_state, str(out / "pooler.safetensors"), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        (out / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "pooling": self.recipe.pooling.type,
+            "dim": self.dim,
+            "num_layers": num_decoder_layers(self.backbone),
+            "tapped_layers": list(self.pooler.tapped_layers),
+            "attention": self.recipe.attention.mode,
+            "normalize": self.recipe.model.normalize,
+            "base_model": self.recipe.model.name_or_path or "random_init",
+            "lora": lora_state,
+        }
+        (out / "dsembed.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "EmbeddingModel":
+        """Load a folder written by `save`, in eval mode on `device`.
+
+        Raises:
+            CheckpointError: a missing or incomplete folder, or an unknown format version.
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        from dsembed.modeling.backbone import _check_attn
+
+        src = Path(directory)
+        meta_path = src / "dsembed.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{src}: not a dsembed model folder (no dsembed.json; save with EmbeddingModel.save)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION} (re-export with this dsembed)")
+        for part in ("recipe.yaml", "backbone", "tokenizer", "pooler.safetensors"):
+            if not (src / part).exists():
+                raise CheckpointError(f"{src}: {part} is missing (the folder is incomplete; save it again)")
+        recipe = recipe_from_dict(yaml.safe_load((src / "recipe.yaml").read_text(encoding="utf-8")), str(src / "recipe.yaml"))
+        impl = recipe.model.attn_implementation
+        try:
+            _check_attn(impl)
+        except RecipeError:
+            impl = "sdpa"  # a model trained with flash-attn still loads where it is not installed
+        backbone = AutoModel.from_pretrained(src / "backbone", dtype=DTYPES[recipe.model.dtype], attn_implementation=impl)
+        if (src / "adapter").is_dir():
+            from peft import PeftModel
+            with _quiet_peft():
+                backbone = PeftModel.from_pretrained(backbone, src / "adapter")
+        set_attention_mode(backbone, recipe.attention.mode)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+        hidden, depth = int(unwrap(backbone).config.hidden_size), num_decoder_layers(backbone)
+        pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
+        state = load_file(str(src / "pooler.safetensors"))
+        try:
+            pooler.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{src / 'pooler.safetensors'}: does not fit the recipe's head ({str(err).splitlines()[0]})") from None
+        model = cls(backbone, pooler, tokenizer, recipe).to(device)
+        return model.eval()
+
+
+def _plain_state_dict(base: nn.Module, merge: bool) -> dict[str, torch.Tensor]:
+    """The backbone's state dict under its original key names, LoRA weights removed (merged in if `merge`).
+
+    Out of place: peft's `get_delta_weight` gives each adapter's delta; the live model is untouched.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in base.state_dict().items():
+        if any(part.startswith("lora_") for part in key.split(".")):
+            continue
+        state[key.replace(".base_layer.", ".")] = tensor
+    if merge:
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+                key = f"{name}.weight"
+                weight = state[key]
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                state[key] = weight.detach()
+    return state
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # peft 0.21 reads transformers' deprecated is_gradient_checkpointing alias (a FutureWarning per call)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _apply_lora(backbone: nn.Module, recipe: Recipe) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = recipe.lora
+    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), bias="none")
+    try:
+        with _quiet_peft():
+            return get_peft_model(backbone, peft_cfg)
+    except ValueError as err:
+        where = recipe.source or "<recipe>"
+        raise RecipeError(f"{where}: lora.target_modules = {list(cfg.target_modules)}: {str(err).splitlines()[0]} "
+                          f"(name linear layers of the backbone, e.g. q_proj, v_proj)") from None
+
+
+def build_model(recipe: Recipe, base_dir: Path | None = None) -> EmbeddingModel:
+    """Backbone, attention mode, gradient checkpointing, LoRA and pooling head, as the recipe says.
+
+    Safe to call under a live transformers HfDeepSpeedConfig (ZeRO-3): the backbone is loaded
+    partitioned by transformers, no weight is read or re-initialised here, LoRA is applied after
+    loading (outside zero.Init) and the head initialises itself in its constructor.
+
+    Args:
+        recipe: the resolved recipe.
+        base_dir: folder relative model paths resolve against (default: the recipe's folder).
+
+    Returns:
+        The model in train mode (as transformers leaves a freshly loaded model).
+
+    Raises:
+        RecipeError: bad source, architecture, layer selection or LoRA targets.
+    """
+    where = recipe.source or "<recipe>"
+    if base_dir is None and recipe.source:
+        base_dir = Path(recipe.source).parent
+    backbone, tokenizer = load_backbone(recipe.model, base_dir)
+    set_attention_mode(backbone, recipe.attention.mode)
+    depth = num_decoder_layers(backbone)
+    if isinstance(recipe.pooling, MultiLayerAttentionPooling):
+        resolve_layers(recipe.pooling.layers, depth, where)  # the real depth, with the recipe's name in errors
+    if recipe.model.gradient_checkpointing:
+        enable = getattr(backbone, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.x; gradient_checkpointing_enable is its deprecated alias
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.enabled:
+        # non-reentrant checkpointing needs no enable_input_require_grads() for frozen embeddings
+        backbone = _apply_lora(backbone, recipe)
+    hidden = int(unwrap(backbone).config.hidden_size)
+    pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
+    return EmbeddingModel(backbone, pooler, tokenizer, recipe)
+
+
+def replace_model(recipe: Recipe, **changes: Any) -> Recipe:
+    """`recipe` with fields of its `model` section replaced (a small helper for tools and tests)."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **changes))
