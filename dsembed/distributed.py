@@ -1,0 +1,99 @@
+"""Rank / world helpers and an all-gather that keeps gradients.
+
+Every helper works in three situations: a single process with no launcher (rank 0 of 1), a process
+started by a launcher (torchrun / deepspeed set RANK, WORLD_SIZE, LOCAL_RANK) before
+`torch.distributed` is initialised, and an initialised process group. No backend or device is
+hard-coded: collectives run on whatever device the caller's tensors live on, with whatever backend
+the engine initialised (gloo on CPU, nccl on GPUs).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    return dist.get_rank() if _initialized() else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if _initialized() else max(1, _env_int("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (LOCAL_RANK, 0 when unset)."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main() -> bool:
+    """True on global rank 0: the process that logs, prints and writes shared files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op when torch.distributed is not initialised."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, keeping the autograd graph.
+
+    Shapes:
+        tensor: [b, ...] on this rank (the same b on every rank).
+        returns: [W * b, ...], rank-major: rows [r*b, (r+1)*b) come from rank r.
+
+    The backward pass sums, on each rank, the gradients every rank computed for that rank's rows
+    (torch.distributed.nn's all_gather), so a loss computed on each rank from the gathered tensor
+    back-propagates into every rank's own graph. When the engine then averages parameter gradients
+    over ranks, the result equals the gradient of the mean of the per-rank losses.
+
+    Args:
+        tensor: this rank's rows; any device the process group's backend supports.
+
+    Returns:
+        The gathered tensor; `tensor` itself when not distributed or with one rank.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # torch 2.13 marks it deprecated in favour of a private functional API; it is still the
+        # public autograd-aware all_gather and behaves correctly on gloo and nccl.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(tensor.contiguous())  # W x [b, ...]
+    return torch.cat(parts, dim=0)  # [W*b, ...]
+
+
+def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over ranks, without gradient (for logging the global loss / accuracy).
+
+    Args:
+        tensor: any shape, on the device the backend uses (e.g. the loss's device).
+
+    Returns:
+        A new tensor holding the mean; a detached copy when not distributed.
+    """
+    out = tensor.detach().clone()
+    if _initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
