@@ -1,0 +1,367 @@
+"""Consolidate a DeepSpeed checkpoint into one folder that is a dsembed model and a sentence-transformers model.
+
+Works on a CPU machine without the training processes: the ZeRO-2 / ZeRO-3 shards are merged by
+DeepSpeed's zero_to_fp32 (through dsembed.engine, the only deepspeed importer), the model is rebuilt
+from the recipe stored in the checkpoint, and the merged state dict is loaded into it.
+
+Folder written (OUT_DIR):
+    dsembed.json, recipe.yaml, backbone/, [adapter/], pooler.safetensors, tokenizer/
+                                        EmbeddingModel.save's layout (LoRA merged unless keep_adapter)
+    modules.json                        one module: dsembed_st.DsembedEmbedding (no Pooling/Normalize)
+    dsembed_st.py, dsembed_st.json      the sentence-transformers module (dsembed/st_module.py) + its config
+    config_sentence_transformers.json   prompts ("query" = the training instruction in the query
+                                        template; per MTEB task / task type, as dsembed-evaluate uses)
+    README.md                           model card: variant, base model, training data, steps
+It is written to OUT_DIR.tmp-<pid> and renamed at the end, so OUT_DIR is either complete or absent.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from dsembed.config import Recipe, recipe_from_dict
+from dsembed.errors import CheckpointError, UserError
+
+ST_MODULE_FILE = "dsembed_st.py"
+ST_MODULE_TYPE = "dsembed_st.DsembedEmbedding"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_MODEL_STATES = re.compile(r"^(zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+# mteb task types (TaskMetadata.type) for dsembed's evaluation categories
+_MTEB_TYPES = {"sts": "STS", "retrieval": "Retrieval", "classification": "Classification", "clustering": "Clustering"}
+
+
+@dataclass
+class ExportSummary:
+    """What `export_checkpoint` wrote: the folder, its files and the parameter counts."""
+
+    out_dir: Path
+    checkpoint: Path
+    step: int | None
+    files: list[str] = field(default_factory=list)
+    backbone_parameters: int = 0
+    adapter_parameters: int = 0
+    head_parameters: int = 0
+    dim: int = 0
+    world_size: int | None = None
+    lora: str = "none"  # "merged", "adapter" or "none"
+
+
+# ----------------------------------------------------------------------------- finding the checkpoint
+
+
+def resolve_checkpoint(source: str | Path, step: int | None = None) -> tuple[Path, str]:
+    """The checkpoints folder and tag that `source` names.
+
+    Args:
+        source: a run directory (holding checkpoints/), a checkpoints folder, or one step-N folder.
+        step: pick checkpoints/step-N instead of the one named in `latest`.
+
+    Returns:
+        (checkpoints folder, tag such as "step-30").
+
+    Raises:
+        CheckpointError: nothing there, an unfinished tmp-* save, no `latest`, or no such step.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if path.name.startswith("tmp-"):
+        raise CheckpointError(f"{path}: an unfinished checkpoint save (tmp-*); export a complete step-N folder or the run directory")
+    if _STEP_DIR.match(path.name) and path.is_dir():
+        if step is not None and path.name != f"step-{step}":
+            raise CheckpointError(f"{path}: --step {step} does not match this checkpoint folder (give the run directory instead)")
+        return path.parent, path.name
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if step is not None:
+        if not (folder / f"step-{step}").is_dir():
+            have = sorted((int(m.group(1)) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name))), reverse=True)
+            raise CheckpointError(f"{folder}: no checkpoint step-{step} (available steps: {have or 'none'})")
+        return folder, f"step-{step}"
+    latest = folder / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{folder}: no `latest` file, so no complete checkpoint (train until a save finishes, or pass --step N)")
+    tag = latest.read_text(encoding="utf-8").strip()
+    if not (folder / tag).is_dir():
+        raise CheckpointError(f"{latest}: names {tag!r}, which does not exist (pass --step N for another checkpoint)")
+    return folder, tag
+
+
+def _readable(path: Path) -> None:
+    # torch checkpoints are zip archives whose directory sits at the end: a truncated file fails here
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({err}); export another step with --step N") from None
+
+
+def check_checkpoint(folder: Path, tag: str) -> dict[str, Any]:
+    """Verify that every rank's shards are present and readable; return the client state.
+
+    Returns:
+        The saved client state (step, world_size, recipe YAML, ...), read memory-mapped.
+
+    Raises:
+        CheckpointError: missing or truncated shards, or no recipe in the checkpoint.
+    """
+    ckpt = folder / tag
+    names = [p.name for p in ckpt.iterdir()]
+    models = sorted(n for n in names if _MODEL_STATES.match(n))
+    optims = sorted(n for n in names if _OPTIM_STATES.match(n))
+    if not models:
+        raise CheckpointError(f"{ckpt}: no *model_states.pt file (not a DeepSpeed checkpoint, or an incomplete copy)")
+    for name in models + optims:
+        _readable(ckpt / name)
+    try:
+        state = torch.load(ckpt / models[0], map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"{ckpt / models[0]}: cannot be read ({type(err).__name__}: {err})") from None
+    world = int(state.get("world_size") or state.get("dp_world_size") or 1)
+    stage3 = models[0].startswith("zero_pp_rank_")
+    if stage3 and len(models) != world:
+        raise CheckpointError(f"{ckpt}: {len(models)} of {world} model-state shards present (the copy is incomplete)")
+    if len(optims) != world:
+        raise CheckpointError(f"{ckpt}: {len(optims)} of {world} optimizer-state shards present (the copy is incomplete)")
+    if not isinstance(state.get("recipe"), str):
+        raise CheckpointError(f"{ckpt}: no recipe in the checkpoint's client state (not written by dsembed-train)")
+    return {k: state[k] for k in ("step", "world_size", "recipe") if k in state}
+
+
+# ----------------------------------------------------------------------------- rebuilding the model
+
+
+def load_from_checkpoint(folder: Path, tag: str, client_state: dict[str, Any] | None = None,
+                         base_dir: Path | None = None) -> Any:
+    """The trained EmbeddingModel of a checkpoint, on CPU in eval mode (LoRA still separate).
+
+    Raises:
+        CheckpointError: an incomplete checkpoint, or one that does not fit its recipe's model.
+    """
+    from dsembed.engine import fp32_state_dict
+    from dsembed.modeling import build_model
+
+    state = client_state if client_state is not None else check_checkpoint(folder, tag)
+    recipe = recipe_from_dict(yaml.safe_load(state["recipe"]), f"{folder / tag} (client state recipe)")
+    model = build_model(recipe, base_dir)
+    log = io.StringIO()  # zero_to_fp32 prints progress bars and notes; the tool prints its own summary
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            weights = fp32_state_dict(folder, tag)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged shard surfaces as many exception types
+        raise CheckpointError(f"{folder / tag}: incomplete or unreadable DeepSpeed checkpoint ({type(err).__name__}: {err})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder / tag}: does not fit the recipe's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- sentence-transformers
+
+
+def _template_parts(recipe: Recipe, instruction: str) -> tuple[str, str]:
+    """(prefix, suffix) around the text in recipe.data.query_template for `instruction`."""
+    marker = "\0QUERY\0"
+    full = recipe.data.query_template.format(instruction=instruction, query=marker)
+    prefix, _, suffix = full.partition(marker)
+    return prefix, suffix
+
+
+def sentence_transformers_prompts(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
+    """The prompts of config_sentence_transformers.json and the suffixes the module appends.
+
+    "query" carries the training default instruction (none: ""), "document" is "". For mteb, the
+    instruction dsembed-evaluate uses for each paper task and each task type (+ recipe
+    eval.instructions) is a prompt named by task / type, with "<name>-document" = "", so that
+    `mteb.evaluate(SentenceTransformer(dir))` instructs queries and symmetric texts but not
+    documents, as dsembed's own mteb adapter does.
+
+    Returns:
+        (prompts, prompt text -> suffix for templates with text after {query}).
+    """
+    from dsembed.evaluation.presets import DEFAULT_INSTRUCTIONS, PAPER_TASKS, default_instruction
+    from dsembed.instructions import query_instructions
+
+    # Only names mteb knows: it drops (with a warning) prompt keys that are not registered tasks, so
+    # local tasks fall back to their type's prompt, which is dsembed-evaluate's default for them too.
+    by_name = {_MTEB_TYPES[category]: text for category, text in DEFAULT_INSTRUCTIONS.items()}
+    for category, names in PAPER_TASKS.items():
+        by_name.update({name: default_instruction(name, category) for name in names})
+    by_name.update(recipe.eval.instructions)
+    default = query_instructions(recipe.data).get("default")
+    prompts: dict[str, str] = {"query": "", "document": ""}
+    suffixes: dict[str, str] = {}
+
+    def add(name: str, instruction: str | None) -> None:
+        if not instruction:
+            prompts[name] = ""
+            return
+        prefix, suffix = _template_parts(recipe, instruction)
+        if suffixes.get(prefix, suffix) != suffix:
+            return  # a template with {instruction} after {query}: only the first prompt per prefix is exact
+        prompts[name] = prefix
+        if suffix:
+            suffixes[prefix] = suffix
+
+    add("query", default)
+    for name, text in by_name.items():
+        add(name, text)
+        prompts[f"{name}-document"] = ""
+    return prompts, suffixes
+
+
+def write_sentence_transformers_files(folder: Path, recipe: Recipe) -> None:
+    """modules.json, the module file and its config, config_sentence_transformers.json."""
+    import sentence_transformers
+    import transformers
+
+    from dsembed import st_module
+
+    prompts, suffixes = sentence_transformers_prompts(recipe)
+    shutil.copyfile(st_module.__file__, folder / ST_MODULE_FILE)
+    _write_json(folder / st_module.CONFIG_FILE, {"prompt_suffixes": suffixes})
+    _write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": ST_MODULE_TYPE}])
+    _write_json(folder / "config_sentence_transformers.json", {
+        "__version__": {"sentence_transformers": sentence_transformers.__version__,
+                        "transformers": transformers.__version__, "pytorch": torch.__version__},
+        "model_type": "SentenceTransformer",
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    })
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def model_card(recipe: Recipe, summary: ExportSummary, prompts: dict[str, str]) -> str:
+    """A short README.md: variant, base model, training data, steps, usage."""
+    m, p = recipe.model, recipe.pooling
+    base = m.name_or_path or f"random init ({(m.random_init or {}).get('model_type', '?')})"
+    name = summary.out_dir.name
+    lora = {"merged": f"LoRA r={recipe.lora.r} merged into the backbone",
+            "adapter": f"LoRA r={recipe.lora.r} kept as a peft adapter (adapter/)", "none": "full backbone"}[summary.lora]
+    query_prompt = json.dumps(prompts["query"])
+    return f"""---
+library_name: sentence-transformers
+tags: [sentence-transformers, feature-extraction, dsembed]
+---
+# {name}
+
+A text-embedding model fine-tuned from a decoder LLM with dsembed (arXiv 2409.02727 designs).
+
+| | |
+|---|---|
+| attention | {recipe.attention.mode} |
+| pooling | {p.type} |
+| base model | {base} |
+| training data | {", ".join(recipe.data.train) or "-"} |
+| steps | {summary.step} (micro-batch {recipe.train.micro_batch_size} x accumulation {recipe.train.gradient_accumulation_steps} x {summary.world_size or "?"} ranks) |
+| weights | {lora}; backbone {summary.backbone_parameters:,} parameters, head {summary.head_parameters:,} |
+| embedding | dim {summary.dim}, {"L2-normalised" if m.normalize else "not normalised"}, {"EOS appended" if m.append_eos else "no EOS"}, {m.padding_side} padding, max {m.max_length} tokens |
+
+Query prompt (`prompt_name="query"`): {query_prompt}; documents get none.
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("{name}", trust_remote_code=True)  # needs `pip install dsembed`
+q = model.encode(["how do I reset my password"], prompt_name="query")
+d = model.encode(["Open settings and choose 'reset password'."])
+
+from dsembed import EmbeddingModel
+model = EmbeddingModel.load("{name}")
+```
+The resolved training recipe is recipe.yaml.
+"""
+
+
+# ----------------------------------------------------------------------------- the export
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UserError(f"{out_dir}: already exists and is not empty (choose another folder or pass --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by tmp; an old out_dir is moved aside first and deleted only after the rename."""
+    old = None
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+        os.rename(out_dir, old)
+    elif out_dir.is_dir():
+        out_dir.rmdir()
+    elif out_dir.exists():
+        out_dir.unlink()
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path, keep_adapter: bool = False, step: int | None = None,
+                      overwrite: bool = False, base_dir: Path | None = None,
+                      say: Callable[[str], None] = lambda s: None) -> ExportSummary:
+    """Consolidate a checkpoint into a dsembed + sentence-transformers model folder.
+
+    Args:
+        source: run directory, checkpoints folder or step-N folder.
+        out_dir: the folder to create (must be absent or empty unless `overwrite`).
+        keep_adapter: write LoRA as a peft adapter (adapter/) instead of merging it.
+        step: export checkpoints/step-N rather than `latest`.
+        overwrite: replace a non-empty out_dir (only once the new folder is complete).
+        base_dir: folder relative model paths of the recipe resolve against.
+        say: progress messages.
+
+    Returns:
+        The summary (files and parameter counts).
+
+    Raises:
+        CheckpointError: a missing or incomplete checkpoint.
+        UserError: out_dir not empty without overwrite.
+    """
+    out_dir = Path(out_dir)
+    folder, tag = resolve_checkpoint(source, step)
+    client_state = check_checkpoint(folder, tag)
+    tmp = _prepare_out_dir(out_dir, overwrite)
+    say(f"consolidating {folder / tag} (saved by {client_state.get('world_size', '?')} ranks)")
+    model = load_from_checkpoint(folder, tag, client_state, base_dir)
+    recipe = model.recipe
+    is_peft = hasattr(model.backbone, "peft_config")
+    summary = ExportSummary(out_dir=out_dir, checkpoint=folder / tag, step=client_state.get("step"),
+                            world_size=client_state.get("world_size"),
+                            lora=("adapter" if keep_adapter else "merged") if is_peft else "none")
+    lora_params = sum(p.numel() for n, p in model.backbone.named_parameters() if "lora_" in n)
+    summary.backbone_parameters = sum(p.numel() for p in model.backbone.parameters()) - lora_params
+    summary.adapter_parameters = lora_params if summary.lora == "adapter" else 0
+    summary.head_parameters = sum(p.numel() for p in model.pooler.parameters())
+    summary.dim = model.dim
+    if keep_adapter and not is_peft:
+        say("note: --keep-adapter ignored: the recipe trained without LoRA (lora.enabled: false)")
+    try:
+        model.save(tmp, merge_lora=not keep_adapter)
+        write_sentence_transformers_files(tmp, recipe)
+        prompts = json.loads((tmp / "config_sentence_transformers.json").read_text(encoding="utf-8"))["prompts"]
+        (tmp / "README.md").write_text(model_card(recipe, summary, prompts), encoding="utf-8")
+        summary.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary

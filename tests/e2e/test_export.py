@@ -1,0 +1,237 @@
+"""dsembed-consolidate end to end: five paper variants (+ one ZeRO-2 run) trained tiny on 2 CPU ranks.
+
+One torchrun launch trains every variant for 2 steps (tests/e2e/train_variants.py); the trainer's
+DSEMBED_DUMP_EMBEDDINGS hook embeds a probe list with the LIVE engine (ZeRO-3 partitioned weights)
+after the last step. The exports must give the same embeddings through `EmbeddingModel.load` and
+`SentenceTransformer(dir, trust_remote_code=True)` (queries with prompt_name="query"), mteb must
+evaluate the folder directly, and damaged checkpoints must be refused in one line with exit 2.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "distributed"))
+from launch import EXTENSIONS, TINY, check, env  # noqa: E402
+
+INSTRUCTION = "Retrieve the matching record"  # the tiny recipe's data.instructions.default
+PROBE = {
+    "texts": ["hello world", "The quick brown fox jumps over the lazy dog.", "x",
+              "caf\u00e9 na\u00efve \u2014 r\u00e9sum\u00e9", "record 17: a blue bicycle with a basket " * 2],
+    "queries": ["where is the fox", "hello", "a bicycle"],
+    "instruction": INSTRUCTION,
+}
+LATENT = "pooling={type: latent_attention, num_latents: 8, num_heads: 4, head_dim: 16}"
+VARIANTS = {  # ZeRO-2 first: see train_variants.py
+    "model1-zero2": ["pooling={type: last_token}", "attention.mode=causal", "deepspeed.zero_stage=2"],
+    "model1": ["pooling={type: last_token}", "attention.mode=causal"],
+    "model2": [LATENT, "attention.mode=causal"],
+    "model3": ["attention.mode=causal"],  # the tiny recipe's multi_layer_attention head
+    "model4": [LATENT],  # bidirectional is the tiny recipe's mode
+    "model5": [],
+}
+EXPECTED = {"model1-zero2": ("causal", "last_token"), "model1": ("causal", "last_token"),
+            "model2": ("causal", "latent_attention"), "model3": ("causal", "multi_layer_attention"),
+            "model4": ("bidirectional", "latent_attention"), "model5": ("bidirectional", "multi_layer_attention")}
+COSINE = 0.99999
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _consolidate(*args: str) -> tuple[int, str, str]:
+    """The CLI in-process (deepspeed is imported once for the whole file)."""
+    import contextlib
+    import io
+
+    from dsembed.errors import run_cli
+    from tools.consolidate import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(main, list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("variants")
+    spec = {"recipe": str(TINY), "runs": []}
+    for name, overrides in VARIANTS.items():
+        dump = root / name / "dump"
+        dump.mkdir(parents=True)
+        (dump / "probe.json").write_text(json.dumps(PROBE), encoding="utf-8")
+        spec["runs"].append({"overrides": [f"train.output_dir={root / name / 'run'}", "train.max_steps=2",
+                                           "train.save_steps=1", "train.save_total_limit=2", *overrides],
+                             "dump": str(dump)})
+    (root / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "e2e" / "train_variants.py"), str(root / "spec.json")]
+    check(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400))
+    assert EXTENSIONS.is_dir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(runs: Path) -> dict[str, Path]:
+    out = {}
+    for name in VARIANTS:
+        code, stdout, stderr = _consolidate(str(runs / name / "run"), str(runs / name / "model"))
+        assert code == 0, stderr
+        assert "step-2" in stdout and "head parameters:" in stdout and "backbone parameters:" in stdout
+        out[name] = runs / name / "model"
+    return out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_export_matches_live_engine_and_sentence_transformers(runs: Path, exported: dict[str, Path], name: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from dsembed import EmbeddingModel
+
+    folder = exported[name]
+    live = np.load(runs / name / "dump" / "embeddings.npz")
+    model = EmbeddingModel.load(folder)
+    docs = model.encode(PROBE["texts"])
+    queries = model.encode(PROBE["queries"], instruction=INSTRUCTION)
+    assert _cosines(docs, live["documents"]).min() >= COSINE
+    assert _cosines(queries, live["queries"]).min() >= COSINE
+    assert not np.allclose(queries, model.encode(PROBE["queries"]))  # the instruction matters
+
+    st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    assert st.prompts["query"] == f"Instruct: {INSTRUCTION}\nQuery: " and st.prompts["document"] == ""
+    assert st.default_prompt_name is None and len(st) == 1  # no Pooling / Normalize module after ours
+    st_queries = st.encode(PROBE["queries"], prompt_name="query", batch_size=2)
+    st_docs = st.encode(PROBE["texts"], batch_size=2)  # other batching and padding than encode's
+    assert _cosines(st_queries, live["queries"]).min() >= COSINE
+    assert _cosines(st_docs, live["documents"]).min() >= COSINE
+    np.testing.assert_allclose(np.linalg.norm(st_docs, axis=1), 1.0, atol=1e-5)  # normalised once
+
+    meta = json.loads((folder / "dsembed.json").read_text())
+    attention, pooling = EXPECTED[name]
+    assert (meta["attention"], meta["pooling"], meta["lora"]) == (attention, pooling, "merged")
+    card = (folder / "README.md").read_text()
+    assert f"| attention | {attention} |" in card and f"| pooling | {pooling} |" in card and "| steps | 2 " in card
+    assert "synthetic:512" in card
+    assert not (folder / "adapter").exists() and not list(folder.parent.glob("model.tmp-*"))
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_keep_adapter_round_trip(runs: Path, exported: dict[str, Path]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from dsembed import EmbeddingModel
+
+    out = runs / "model5" / "adapter-model"
+    code, stdout, _ = _consolidate(str(runs / "model5" / "run" / "checkpoints"), str(out), "--keep-adapter", "--step", "2")
+    assert code == 0 and "adapter parameters:" in stdout
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "dsembed.json").read_text())["lora"] == "adapter"
+    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(out / "backbone"), out / "adapter")
+    assert any("lora_A" in n for n, _ in peft.named_parameters())
+    live = np.load(runs / "model5" / "dump" / "embeddings.npz")
+    kept = EmbeddingModel.load(out)
+    assert _cosines(kept.encode(PROBE["texts"]), live["documents"]).min() >= COSINE
+    merged = EmbeddingModel.load(exported["model5"])
+    np.testing.assert_allclose(kept.encode(PROBE["texts"]), merged.encode(PROBE["texts"]), atol=1e-5)
+
+
+def test_mteb_evaluates_the_exported_folder(runs: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+    import mteb
+    from sentence_transformers import SentenceTransformer
+
+    from dsembed import EmbeddingModel
+    from dsembed.evaluation.run import evaluate_tasks
+    from dsembed.evaluation.tasks import load_local_tasks
+
+    task_dir = tmp_path / "tasks" / "sts" / "TinySTS"
+    task_dir.mkdir(parents=True)
+    words = ["red", "blue", "green", "bicycle", "car", "fox", "dog", "record", "house", "tree"]
+    rng = np.random.default_rng(0)
+    rows = [{"sentence1": " ".join(rng.choice(words, 4)), "sentence2": " ".join(rng.choice(words, 4)),
+             "score": float(rng.integers(0, 6))} for _ in range(24)]
+    (task_dir / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    folder = exported["model5"]
+
+    ours = evaluate_tasks(EmbeddingModel.load(folder), load_local_tasks(tmp_path / "tasks"), model_name="model5",
+                          log=lambda s: None)["tasks"]["TinySTS"]
+    st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    outcome = mteb.evaluate(st, load_local_tasks(tmp_path / "tasks"), cache=None, overwrite_strategy="always",
+                            co2_tracker=False, show_progress_bar=False, raise_error=True)
+    score = outcome.task_results[0].get_score()
+    assert np.isfinite(score) and -1.0 <= score <= 1.0
+    # the STS type prompt gives mteb the instruction dsembed-evaluate uses: the same score
+    assert score == pytest.approx(ours["main_score"], abs=1e-6)
+
+
+def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = runs / "model1" / "run"
+    # no `latest`: a one-line error from the real console entry point, exit 2, no traceback
+    bare = tmp_path / "bare"
+    shutil.copytree(src / "checkpoints" / "step-2", bare / "checkpoints" / "step-2")
+    run = subprocess.run([sys.executable, "-m", "tools.consolidate", str(bare), str(tmp_path / "out1")],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "latest" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "out1").exists()
+
+    # a truncated shard
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    shard = next((trunc / "checkpoints" / "step-2").glob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    run = subprocess.run([sys.executable, "-m", "tools.consolidate", str(trunc), str(tmp_path / "out2")],
+                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "truncated" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob("out2.tmp-*"))
+
+    # a missing shard, an unfinished tmp-* save, a missing step, an occupied OUT_DIR
+    shard.unlink()
+    code, _, err = _consolidate(str(trunc), str(tmp_path / "out3"))
+    assert code == 2 and "1 of 2 optimizer-state shards" in err and not (tmp_path / "out3").exists()
+    tmp_save = tmp_path / "ck" / "tmp-step-3"
+    tmp_save.mkdir(parents=True)
+    code, _, err = _consolidate(str(tmp_save), str(tmp_path / "out4"))
+    assert code == 2 and "unfinished" in err
+    code, _, err = _consolidate(str(src), str(tmp_path / "out5"), "--step", "7")
+    assert code == 2 and "step-7" in err and "available steps: [2, 1]" in err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = _consolidate(str(src), str(busy))
+    assert code == 2 and "--overwrite" in err and (busy / "keep.txt").read_text() == "mine"
+    code, _, err = _consolidate(str(src), str(busy), "--overwrite", "--step", "1")
+    assert code == 0, err
+    assert (busy / "dsembed.json").is_file() and not (busy / "keep.txt").exists()
+
+
+def test_prompts_for_a_template_with_text_after_the_query(tiny_recipe) -> None:
+    import dataclasses
+
+    import torch
+
+    from dsembed.export import sentence_transformers_prompts
+    from dsembed.modeling import build_model
+    from dsembed.st_module import DsembedEmbedding
+
+    recipe = tiny_recipe(pooling={"type": "mean"})
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(
+        recipe.data, query_template="Query: {query}\nTask: {instruction}", instructions={"default": "find it"}))
+    prompts, suffixes = sentence_transformers_prompts(recipe)
+    assert prompts["query"] == "Query: " and suffixes == {"Query: ": "\nTask: find it"}
+    assert prompts["document"] == "" and prompts["STS-document"] == ""
+    model = build_model(recipe)
+    module = DsembedEmbedding(model, suffixes)
+    got = module.preprocess(["abc", "de"], prompt=prompts["query"])
+    want = model.tokenize([model.format_query(t, "find it") for t in ("abc", "de")])
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
