@@ -184,6 +184,9 @@ class TrainConfig:
     overwrite: bool = False
     seed: int = 42
     log_steps: int = 1
+    # Stop (with a checkpoint) after this step without changing the schedule, which still runs to
+    # max_steps: split one run over several jobs; resume continues exactly. None: run to max_steps.
+    stop_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,8 @@ def validate(recipe: Recipe, world_size: int | None = None, num_layers: int | No
             raise RecipeError(f"{where}: {key} = {value} must be at least 1")
     if t.save_total_limit < 1:
         raise RecipeError(f"{where}: train.save_total_limit = {t.save_total_limit} must be at least 1 (keep one checkpoint to resume from)")
+    if t.stop_after is not None and t.stop_after < 1:
+        raise RecipeError(f"{where}: train.stop_after = {t.stop_after} must be at least 1 (or null to run to train.max_steps)")
     if t.cache_chunk_size is not None and not 1 <= t.cache_chunk_size <= t.micro_batch_size:
         raise RecipeError(f"{where}: train.cache_chunk_size = {t.cache_chunk_size} must be within 1..train.micro_batch_size ({t.micro_batch_size})")
     if recipe.loss.temperature <= 0:

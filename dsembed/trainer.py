@@ -1,0 +1,324 @@
+"""The training loop: contrastive batches, accumulation or cached steps, metrics, checkpoints, resume.
+
+Run directory (`train.output_dir`):
+    recipe.yaml                the resolved recipe
+    metrics.jsonl              one JSON object per logged step (rank 0)
+    tensorboard/               scalars, layer-weight histograms/images, the recipe text
+    checkpoints/step-N/        complete DeepSpeed checkpoints (+ rng_rank<r>.pt per rank)
+    checkpoints/latest         the tag of the newest complete checkpoint
+A checkpoint is written to checkpoints/tmp-step-N, renamed to step-N once every rank has finished,
+and only then named in `latest` (written to a temporary file and os.replace'd), so a crash at any
+moment leaves `latest` pointing at a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsembed import distributed as dist
+from dsembed.config import Recipe
+from dsembed.errors import CheckpointError, RecipeError
+from dsembed.gradcache import BatchStats, cached_backward, plain_backward
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Test hook: a folder to which the reduced full gradients of every step are written before step().
+DUMP_GRADS_ENV = "DSEMBED_DUMP_GRADS"
+# Test hook: a folder holding probe.json {"texts": [...], "queries": [...], "instruction": str|null};
+# after the last step the live engine embeds them and rank 0 writes embeddings.npz there.
+DUMP_EMBEDDINGS_ENV = "DSEMBED_DUMP_EMBEDDINGS"
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def checkpoint_dir(recipe: Recipe) -> Path:
+    return Path(recipe.train.output_dir) / "checkpoints"
+
+
+def latest_tag(folder: Path) -> str | None:
+    """The tag named in folder/latest, else the newest step-N (complete: renamed only when done)."""
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = latest.read_text(encoding="utf-8").strip()
+        if (folder / tag).is_dir():
+            return tag
+    steps = sorted((int(m.group(1)), p.name) for p in folder.glob("step-*") if (m := _STEP_DIR.match(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def check_run_dir(recipe: Recipe) -> str | None:
+    """Decide between resuming and starting fresh, before anything is built or written.
+
+    Returns:
+        The checkpoint tag to resume from, or None to start fresh.
+
+    Raises:
+        RecipeError: checkpoints exist, train.resume is never and train.overwrite is false.
+    """
+    folder = checkpoint_dir(recipe)
+    existing = folder.is_dir() and any(_STEP_DIR.match(p.name) for p in folder.iterdir())
+    if recipe.train.overwrite or not existing:
+        return None
+    if recipe.train.resume == "never":
+        raise RecipeError(f"{recipe.source or '<recipe>'}: train.output_dir {recipe.train.output_dir} already holds checkpoints "
+                          "and train.resume is never (set train.overwrite=true, train.resume=auto or another output_dir)")
+    return latest_tag(folder)
+
+
+def _prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
+    out = Path(recipe.train.output_dir)
+    if dist.is_main():
+        if fresh and recipe.train.overwrite:
+            for name in ("checkpoints", "tensorboard"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for stale in (out / "checkpoints").glob("tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a save interrupted before its rename
+        tmp = out / "recipe.yaml.tmp"
+        tmp.write_text(recipe.to_yaml(), encoding="utf-8")
+        os.replace(tmp, out / "recipe.yaml")
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Runs one recipe to `train.max_steps` (or `train.stop_after`), resuming when asked.
+
+    Args:
+        recipe: validated recipe.
+        base_dir: folder that relative model paths resolve against.
+    """
+
+    def __init__(self, recipe: Recipe, base_dir: Path | None = None) -> None:
+        from dsembed.data import ContrastiveOrder, load_examples
+        from dsembed.engine import Engine
+        from dsembed.modeling import build_model
+
+        self.recipe = recipe
+        train = recipe.train
+        self.resume_tag = check_run_dir(recipe)
+        self.examples = load_examples(recipe)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.order = ContrastiveOrder(len(self.examples), train.seed, train.gradient_accumulation_steps)
+        self.order.batches_per_epoch(self.world, train.micro_batch_size)  # DataError now, not at step 1
+        seed_everything(train.seed)  # identical initial weights on every rank
+        self.engine = Engine.create(recipe, lambda: build_model(recipe, base_dir))
+        self.model = self.engine.module
+        self.tokenizer = self.model.tokenizer
+        seed_everything(train.seed + self.rank)  # then per-rank dropout streams
+        self.step = 0
+        _prepare_run_dir(recipe, fresh=self.resume_tag is None)
+        if self.resume_tag is not None:
+            self._resume(self.resume_tag)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _resume(self, tag: str) -> None:
+        folder = checkpoint_dir(self.recipe)
+        state = self.engine.load_checkpoint(folder, tag)
+        if state.get("world_size") not in (None, self.world):
+            raise CheckpointError(f"{folder / tag}: saved with {state['world_size']} ranks, resumed with {self.world} (use the same number of ranks)")
+        self.step = int(state["step"])
+        rng = folder / tag / f"rng_rank{self.rank}.pt"
+        if rng.is_file():
+            _set_rng_states(torch.load(rng, weights_only=False))
+        metrics = Path(self.recipe.train.output_dir) / "metrics.jsonl"
+        if dist.is_main() and metrics.is_file():  # drop rows logged after the checkpoint (a crash)
+            rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+
+    def save(self) -> None:
+        """Atomic checkpoint of the current step (collective: every rank calls it)."""
+        folder, step = checkpoint_dir(self.recipe), self.step
+        tmp, final = folder / f"tmp-step-{step}", folder / f"step-{step}"
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        client_state = {"step": step, "data_position": {"step": step, "accum_index": 0},
+                        "world_size": self.world, "recipe": self.recipe.to_yaml()}
+        self.engine.save_checkpoint(folder, tmp.name, client_state)
+        torch.save(_rng_states(), tmp / f"rng_rank{self.rank}.pt")
+        dist.barrier()  # every rank's shards are on disk
+        if dist.is_main():
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            pointer = folder / "latest.tmp"
+            pointer.write_text(final.name, encoding="utf-8")
+            os.replace(pointer, folder / "latest")
+            self._prune(folder)
+        dist.barrier()
+
+    def _prune(self, folder: Path) -> None:
+        steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
+        for _, path in steps[:-self.recipe.train.save_total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+
+    def _batch(self, accum_index: int) -> dict[str, dict[str, torch.Tensor]]:
+        from dsembed.data import collate
+
+        t = self.recipe.train
+        idx = self.order.indices(self.step, accum_index, self.rank, self.world, t.micro_batch_size)
+        return collate([self.examples[i] for i in idx], self.tokenizer, self.recipe)
+
+    def train_step(self) -> list[BatchStats]:
+        """One optimizer step: every contrastive batch's backward, then engine.step()."""
+        t, loss_cfg = self.recipe.train, self.recipe.loss
+        stats = []
+        for a in range(t.gradient_accumulation_steps):
+            batch = self._batch(a)
+            last = a == t.gradient_accumulation_steps - 1
+            if t.cache_chunk_size is not None:
+                stats.append(cached_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
+                                             t.cache_chunk_size, boundary=last))
+            else:
+                stats.append(plain_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
+                                            boundary=last))
+        dump = os.environ.get(DUMP_GRADS_ENV)
+        if dump:
+            grads = self.engine.full_grads()  # collective under ZeRO-3
+            if dist.is_main():
+                Path(dump).mkdir(parents=True, exist_ok=True)
+                torch.save(grads, Path(dump) / f"grads_step{self.step + 1}.pt")
+        self.step_lrs = self.engine.lr()  # the rates this step used (the schedule advances in step())
+        self.engine.step()
+        self.step += 1
+        return stats
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def _metrics(self, stats: list[BatchStats], seconds: float) -> dict[str, float]:
+        n = len(stats)
+        local = torch.tensor([sum(s.loss for s in stats) / n, sum(s.accuracy for s in stats) / n,
+                              sum(s.positive_cosine for s in stats) / n, sum(s.negative_cosine for s in stats) / n,
+                              float(sum(s.tokens for s in stats))], dtype=torch.float64, device=self.engine.device)
+        if torch.distributed.is_initialized() and self.world > 1:
+            torch.distributed.all_reduce(local)
+        loss, acc, pos, neg, tokens = (local / torch.tensor([self.world] * 4 + [1], dtype=torch.float64,
+                                                             device=local.device)).tolist()
+        t = self.recipe.train
+        lrs = self.step_lrs
+        metrics = {"train/loss": loss, "train/accuracy": acc, "train/positive_cosine": pos,
+                   "train/negative_cosine": neg, "train/lr": lrs[0],
+                   "train/grad_norm": self.engine.grad_norm() or 0.0,
+                   "perf/tokens_per_s": tokens / seconds,
+                   "perf/samples_per_s": t.micro_batch_size * t.gradient_accumulation_steps * self.world / seconds,
+                   "perf/step_time_s": seconds, "perf/peak_memory_mib": _peak_memory_mib()}
+        if len(set(lrs)) > 1:
+            metrics["train/lr_head"] = max(lrs, key=lambda lr: abs(lr - lrs[0]))
+        return metrics
+
+    def _log_layer_weights(self, monitor: Any) -> None:
+        pooler = getattr(self.model, "pooler", None)
+        weights = getattr(pooler, "layer_weights", None)
+        if not isinstance(weights, torch.nn.Parameter):
+            return
+        with self.engine.gathered([weights]):  # collective under ZeRO-3: every rank enters
+            full = weights.detach().float().cpu().clone()  # [K, D]
+        monitor.log_layer_weights(self.step, full, pooler.tapped_layers)
+
+    def _dump_embeddings(self) -> None:
+        """The DUMP_EMBEDDINGS_ENV test hook (collective under ZeRO-3: every rank embeds the same texts)."""
+        folder = os.environ.get(DUMP_EMBEDDINGS_ENV)
+        if not folder:
+            return
+        probe = json.loads((Path(folder) / "probe.json").read_text(encoding="utf-8"))
+        documents = self.model.encode(probe["texts"])  # [N, D]
+        queries = self.model.encode(probe["queries"], instruction=probe.get("instruction"))  # [M, D]
+        if dist.is_main():
+            np.savez(Path(folder) / "embeddings.npz", documents=documents, queries=queries)
+        dist.barrier()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train to max_steps (or stop_after); returns the last completed step."""
+        from dsembed.monitor import Monitor
+
+        t, log = self.recipe.train, self.recipe.logging
+        last = min(t.max_steps, t.stop_after or t.max_steps)
+        out = Path(t.output_dir)
+        monitor = Monitor(out, self.recipe, total_steps=t.max_steps, start_step=self.step)
+        metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.is_main() else None
+        try:
+            if self.step == 0:
+                monitor.log_recipe(self.recipe.to_yaml())
+            elif dist.is_main():
+                monitor.write(f"resumed from {checkpoint_dir(self.recipe) / f'step-{self.step}'}")
+            self.engine.train()
+            while self.step < last:
+                start = time.perf_counter()
+                stats = self.train_step()
+                metrics = self._metrics(stats, time.perf_counter() - start)
+                if self.step % t.log_steps == 0 or self.step == last:
+                    monitor.log_scalars(self.step, metrics)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                        metrics_file.flush()
+                else:
+                    monitor.update(self.step)
+                if self.step % log.histogram_steps == 0 or self.step == last:
+                    self._log_layer_weights(monitor)
+                if self.step % t.save_steps == 0 or self.step == last:
+                    self.save()
+            self._dump_embeddings()
+        finally:
+            monitor.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        return self.step
+
+
+def _peak_memory_mib() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(recipe: Recipe, base_dir: Path | None = None) -> int:
+    """Train a validated recipe; returns the last completed step. Distributed is shut down after."""
+    from dsembed.engine import shutdown_distributed
+
+    try:
+        return Trainer(recipe, base_dir).run()
+    finally:
+        shutdown_distributed()
