@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dsembed", "dsembed.*", "tools"]),
     include_package_data=True,
-    package_data={"dsembed": ["resources/*.json", "resources/*.yaml"]},
+    # DeepSpeed templates live at the top level (ds_configs/); wheels carry them to <prefix>/share/dsembed.
+    data_files=[("share/dsembed/ds_configs", ["ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json"])],
     # torch is pinned by the install command (constraints.txt); a range here keeps GPU users free.
     install_requires=[
         "torch>=2.4",

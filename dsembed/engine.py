@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -34,7 +35,8 @@ from deepspeed.utils import safe_get_full_grad  # noqa: E402
 # DeepSpeed 0.19 still calls collectives torch 2.13 renamed; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-TEMPLATE_DIRS = [Path(__file__).resolve().parent / "ds_configs", Path(__file__).resolve().parents[1] / "ds_configs"]
+# A source checkout keeps the templates at the repo root; an installed wheel under <prefix>/share/dsembed.
+TEMPLATE_DIRS = [Path(__file__).resolve().parents[1] / "ds_configs", Path(sys.prefix) / "share" / "dsembed" / "ds_configs"]
 _NO_DECAY = ("bias", "norm", "latent", "layer_weights")
 
 
