@@ -12,6 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [[ "${DSEMBED_TORCH:-}" != "skip" ]]; then
   python -m pip install -q torch==2.13.0
   constraint=(-c constraints.txt)
+  export PIP_CONSTRAINT="$PWD/constraints.txt"  # build environments too
 else
   constraint=()
 fi

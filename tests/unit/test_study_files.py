@@ -1,0 +1,75 @@
+"""Study files: every one under recipes/ loads with its recipes validated; bad ones fail in one line."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsembed.errors import RecipeError
+from dsembed.study import StudyRunner, _train_command, load_study
+
+REPO = Path(__file__).resolve().parents[2]
+STUDIES = sorted((REPO / "recipes").rglob("studies/*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_study_file_loads(path):
+    study, root = load_study(path)
+    assert study.variants and root == path.parent
+    for name, recipe in study.variants.items():
+        assert (root / recipe).is_file(), f"{path.name}: {name} -> {recipe}"
+
+
+def test_paper_studies_cover_the_five_designs():
+    for model in ("mistral-7b", "qwen2-0.5b"):
+        study, _ = load_study(REPO / "recipes" / "studies" / f"paper-{model}.yaml")
+        assert list(study.variants) == [f"model{i}" for i in range(1, 6)]
+        ablation, _ = load_study(REPO / "recipes" / "studies" / f"ablations-{model}.yaml")
+        assert {"top4", "top8", "top16", "all", "no-layer-weights"} <= set(ablation.variants)
+
+
+def write(tmp_path, text):
+    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 4}\n  tokenizer: bytes\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nlauncher: mpirun\n", "launcher = 'mpirun' is not one of"),
+    ("name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nvariants_overrides: {}\n", "unknown key variants_overrides (did you mean 'variant_overrides'?)"),
+    ("name: x\noutput_dir: o\nvariants: {}\ntasks_dir: t\n", "variants is empty"),
+    ("name: x\noutput_dir: o\nvariants: {a: missing.yaml}\ntasks_dir: t\n", "missing.yaml: recipe file not found"),
+    ("name: x\noutput_dir: o\nvariants: {a: r.yaml}\n", "give tasks"),
+    ("name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nbaseline: b\n", "baseline = 'b' is not one of"),
+    ("name: x\noutput_dir: o\nvariants: {base: r.yaml}\ntasks_dir: t\n", "reserved"),
+    ("name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nnproc: 2\n", "launcher python runs one process"),
+    ("name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\noverrides: [train.max_stepz=3]\n", "train.max_stepz"),
+])
+def test_bad_study_files(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_study(write(tmp_path, text))
+
+
+def test_study_cli_bad_file_is_one_line(tmp_path):
+    path = write(tmp_path, "name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nlauncher: mpirun\n")
+    result = subprocess.run([sys.executable, "-m", "tools.study", str(path)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and str(path) in result.stderr
+
+
+def test_launch_commands(tmp_path):
+    base = "name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\n"
+    for launcher, head in [("python", ["-m", "dsembed.train"]), ("torchrun", ["torch.distributed.run", "--nproc_per_node", "2"]),
+                           ("deepspeed", ["deepspeed", "--num_gpus", "2", "--no_local_rank", "--module"])]:
+        nproc = "" if launcher == "python" else "nproc: 2\n"
+        study, root = load_study(write(tmp_path, base + f"launcher: {launcher}\n" + nproc))
+        command = _train_command(study, root / "r.yaml", ["train.max_steps=1"])
+        joined = " ".join(command)
+        assert " ".join(head) in joined and command[-2:] == [str(root / "r.yaml"), "train.max_steps=1"]
+    runner = StudyRunner(study, root, tmp_path / "out")
+    assert runner.tasks_arguments() == ["--tasks-dir", str(root / "t")]
