@@ -81,7 +81,7 @@ def parse_row(row: Any) -> Example:
         _RowError: the problem and its fix, without the location (callers add file:line).
     """
     if not isinstance(row, dict):
-        raise _RowError(f"a row should be a JSON object, got {type(row).__name__} (write one {{\"query\": ..., \"positive\": ...}} object per line)")
+        raise _RowError(f"a row should be a JSON object, got {type(row).__name__} (write one {{\"query\": ..., \"positive\": ...}} object per line, {_SKIP_HINT})")
     query = _text_field(row, "query", True)
     positive = _text_field(row, "positive", True)
     if row.get("negative") is not None and row.get("negatives") is not None:

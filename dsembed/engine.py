@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import socket
 import sys
@@ -310,11 +311,17 @@ class Engine:
         self.ds.backward(loss, scale_wrt_gas=scale_wrt_gas)
 
     def step(self) -> None:
-        """Optimizer step + schedule; call once per optimizer step, after a boundary backward."""
+        """Optimizer step + schedule; call once per optimizer step, after a boundary backward.
+
+        A non-finite gradient norm leaves the weights untouched: DeepSpeed's ZeRO optimizers skip
+        such a step themselves (and report an infinite norm); without ZeRO it is skipped here.
+        """
         self._own_norm = None
         if self.zero_stage == 0:  # DeepSpeed reports a norm only from its ZeRO/mixed-precision optimizers
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             self._own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(self._own_norm):
+                return
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
 

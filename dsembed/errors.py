@@ -26,8 +26,18 @@ class CheckpointError(UserError):
     """A missing, incomplete or incompatible checkpoint or exported model."""
 
 
+class TrainingError(Exception):
+    """Training itself failed (a non-finite loss or gradient norm): exit code 3, not a user mistake.
+
+    Raised on every rank at the same step (the checks are collective); no checkpoint is written for
+    the failed step, so `latest` still names the last good one.
+    """
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run an entry point; a `UserError` becomes `error: <message>` on stderr and exit code 2.
+
+    A `TrainingError` (the run diverged) prints the same way and exits with code 3.
 
     Args:
         main: the entry point; returns an exit code or None (meaning 0).
@@ -42,6 +52,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         message = " ".join(str(err).split("\n"))
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
+    except TrainingError as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

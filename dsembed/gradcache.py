@@ -17,13 +17,16 @@ restored before the re-run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from dsembed.loss import info_nce
 
 Batch = dict[str, torch.Tensor]
+# Called with the loss right before its backward; returns the loss to backpropagate or raises (the
+# trainer's non-finite check). Every rank calls it once per contrastive batch, so it may be collective.
+LossGuard = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -75,7 +78,7 @@ def _stats(output: Any, query: Batch, documents: Batch) -> BatchStats:
 
 
 def plain_backward(engine: Any, batch: dict[str, Batch], temperature: float, gather: bool,
-                   boundary: bool) -> BatchStats:
+                   boundary: bool, loss_guard: LossGuard | None = None) -> BatchStats:
     """Forward the whole contrastive batch with a graph and backward the loss.
 
     Args:
@@ -83,6 +86,7 @@ def plain_backward(engine: Any, batch: dict[str, Batch], temperature: float, gat
         batch: {"query": {input_ids, attention_mask}, "documents": {...}} from dsembed.data.collate.
         temperature, gather: recipe.loss settings.
         boundary: whether this is the last backward before `engine.step()`.
+        loss_guard: checks (or, in tests, poisons) the loss before its backward.
 
     Returns:
         The batch's detached statistics.
@@ -91,13 +95,14 @@ def plain_backward(engine: Any, batch: dict[str, Batch], temperature: float, gat
     q = engine(**query)  # [b, D]
     d = engine(**documents)  # [b*(1+n), D]
     output = info_nce(q, d, temperature, gather=gather)
+    loss = output.loss if loss_guard is None else loss_guard(output.loss)
     engine.set_boundary(boundary)
-    engine.backward(output.loss)  # divided by the accumulation steps
+    engine.backward(loss)  # divided by the accumulation steps
     return _stats(output, query, documents)
 
 
 def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, gather: bool,
-                    chunk_size: int, boundary: bool) -> BatchStats:
+                    chunk_size: int, boundary: bool, loss_guard: LossGuard | None = None) -> BatchStats:
     """GradCache: the same parameter gradients as `plain_backward`, one chunk's activations.
 
     Args:
@@ -106,6 +111,7 @@ def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, ga
         temperature, gather: recipe.loss settings.
         chunk_size: queries per chunk (train.cache_chunk_size); documents go (1+n) times as many.
         boundary: whether the last chunk's backward is the last one before `engine.step()`.
+        loss_guard: checks (or, in tests, poisons) the loss before its backward.
 
     Returns:
         The batch's detached statistics.
@@ -127,8 +133,9 @@ def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, ga
     q = torch.cat(embeddings[:num_query_chunks]).detach().requires_grad_()  # [b, D]
     d = torch.cat(embeddings[num_query_chunks:]).detach().requires_grad_()  # [b*(1+n), D]
     output = info_nce(q, d, temperature, gather=gather)
+    loss = output.loss if loss_guard is None else loss_guard(output.loss)
     # The gather's backward sums every rank's contribution to this rank's embeddings, as in the plain step.
-    output.loss.backward()
+    loss.backward()
     grads = list(q.grad.split([len(e) for e in embeddings[:num_query_chunks]])) + \
         list(d.grad.split([len(e) for e in embeddings[num_query_chunks:]]))
 

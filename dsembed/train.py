@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         RecipeError: an invalid recipe, override or run directory state.
     """
     args = _parser().parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)  # before torch is imported: schema errors in ~0.2 s
     from dsembed.distributed import world_size
 
-    recipe = load_recipe(args.recipe, args.overrides)
     validate(recipe, world_size=world_size())
     if args.dry_run:
         dry_run(recipe)

@@ -8,16 +8,29 @@ Run directory (`train.output_dir`):
     checkpoints/latest         the tag of the newest complete checkpoint
 A checkpoint is written to checkpoints/tmp-step-N, renamed to step-N once every rank has finished,
 and only then named in `latest` (written to a temporary file and os.replace'd), so a crash at any
-moment leaves `latest` pointing at a complete checkpoint.
+moment leaves `latest` pointing at a complete checkpoint. Leftover tmp-step-* folders are deleted
+when a run starts or resumes.
+
+Reliability rules (tests/reliability):
+- Nothing in the run directory is created or changed before every input check has passed (recipe,
+  data, model build): a user mistake exits with code 2 and leaves no run directory behind.
+- An existing run is resumed (train.resume: auto), refused (train.resume: never, exit 2) or, with
+  train.overwrite: true, replaced: its checkpoints/, tensorboard/ and metrics.jsonl are deleted up
+  front, once the new run has passed its input checks (not deferred to its first checkpoint).
+- A non-finite loss (checked before its backward) or gradient norm (after the step; DeepSpeed
+  skips such a step) stops the run on every rank with a `TrainingError` naming the step (exit code
+  3); the failed step is never checkpointed, so `latest` names the last good checkpoint.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import resource
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +40,7 @@ import torch
 
 from dsembed import distributed as dist
 from dsembed.config import Recipe
-from dsembed.errors import CheckpointError, RecipeError
+from dsembed.errors import CheckpointError, RecipeError, TrainingError, UserError
 from dsembed.gradcache import BatchStats, cached_backward, plain_backward
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -36,6 +49,43 @@ DUMP_GRADS_ENV = "DSEMBED_DUMP_GRADS"
 # Test hook: a folder holding probe.json {"texts": [...], "queries": [...], "instruction": str|null};
 # after the last step the live engine embeds them and rank 0 writes embeddings.npz there.
 DUMP_EMBEDDINGS_ENV = "DSEMBED_DUMP_EMBEDDINGS"
+# Test hook: "<point>@<step>[:<rank>]" makes the process SIGKILL itself at a point of optimizer step
+# <step> (every rank, or only <rank>), to hit windows an outside kill cannot aim at. Points:
+#   step          after the optimizer step, before metrics and the checkpoint
+#   save-shards   inside save(): this rank's shards and RNG file written, not yet renamed
+#   save-renamed  inside save(): tmp-step-N renamed to step-N, `latest` not yet updated
+#   save-latest   inside save(): `latest` updated, old checkpoints not yet pruned
+CRASH_AT_ENV = "DSEMBED_CRASH_AT"
+# Test hook: "loss@<step>[:<rank>]" makes that step's loss NaN before its backward; "grad@<step>[:<rank>]"
+# keeps the loss finite but makes its gradients NaN (the non-finite checks must catch both).
+INJECT_NAN_ENV = "DSEMBED_INJECT_NAN"
+
+
+def _hook_matches(env: str, kind: str, step: int) -> bool:
+    """Whether test hook `env` ("<kind>@<step>[:<rank>]") fires for `kind` at `step` on this rank."""
+    value = os.environ.get(env)
+    if not value:
+        return False
+    name, _, where = value.partition("@")
+    at, _, only_rank = where.partition(":")
+    return name == kind and int(at) == step and (not only_rank or int(only_rank) == dist.rank())
+
+
+def _crash_point(kind: str, step: int) -> None:
+    if _hook_matches(CRASH_AT_ENV, kind, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward (INJECT_NAN_ENV grad@N)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -59,26 +109,31 @@ def latest_tag(folder: Path) -> str | None:
 def check_run_dir(recipe: Recipe) -> str | None:
     """Decide between resuming and starting fresh, before anything is built or written.
 
+    A run directory "exists" when it holds checkpoints or a previous run's recipe.yaml (a run that
+    stopped before its first checkpoint).
+
     Returns:
         The checkpoint tag to resume from, or None to start fresh.
 
     Raises:
-        RecipeError: checkpoints exist, train.resume is never and train.overwrite is false.
+        RecipeError: a run exists, train.resume is never and train.overwrite is false.
     """
     folder = checkpoint_dir(recipe)
-    existing = folder.is_dir() and any(_STEP_DIR.match(p.name) for p in folder.iterdir())
+    checkpoints = folder.is_dir() and any(_STEP_DIR.match(p.name) for p in folder.iterdir())
+    existing = checkpoints or (Path(recipe.train.output_dir) / "recipe.yaml").is_file()
     if recipe.train.overwrite or not existing:
         return None
     if recipe.train.resume == "never":
-        raise RecipeError(f"{recipe.source or '<recipe>'}: train.output_dir {recipe.train.output_dir} already holds checkpoints "
+        held = "checkpoints" if checkpoints else "a previous run (recipe.yaml)"
+        raise RecipeError(f"{recipe.source or '<recipe>'}: train.output_dir {recipe.train.output_dir} already holds {held} "
                           "and train.resume is never (set train.overwrite=true, train.resume=auto or another output_dir)")
-    return latest_tag(folder)
+    return latest_tag(folder) if checkpoints else None
 
 
 def _prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
     out = Path(recipe.train.output_dir)
     if dist.is_main():
-        if fresh and recipe.train.overwrite:
+        if fresh:  # overwrite, or a previous attempt that never checkpointed: its logs would mix in
             for name in ("checkpoints", "tensorboard"):
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -139,7 +194,12 @@ class Trainer:
         self.order = ContrastiveOrder(len(self.examples), train.seed, train.gradient_accumulation_steps)
         self.order.batches_per_epoch(self.world, train.micro_batch_size)  # DataError now, not at step 1
         seed_everything(train.seed)  # identical initial weights on every rank
-        self.engine = Engine.create(recipe, lambda: build_model(recipe, base_dir))
+        try:
+            self.engine = Engine.create(recipe, lambda: build_model(recipe, base_dir))
+        except UserError as err:  # modeling errors name the key; add the recipe file
+            if recipe.source and recipe.source not in str(err):
+                raise type(err)(f"{recipe.source}: {err}") from None
+            raise
         self.model = self.engine.module
         self.tokenizer = self.model.tokenizer
         seed_everything(train.seed + self.rank)  # then per-rank dropout streams
@@ -176,13 +236,16 @@ class Trainer:
                         "world_size": self.world, "recipe": self.recipe.to_yaml()}
         self.engine.save_checkpoint(folder, tmp.name, client_state)
         torch.save(_rng_states(), tmp / f"rng_rank{self.rank}.pt")
+        _crash_point("save-shards", step)
         dist.barrier()  # every rank's shards are on disk
         if dist.is_main():
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
+            _crash_point("save-renamed", step)
             pointer = folder / "latest.tmp"
             pointer.write_text(final.name, encoding="utf-8")
             os.replace(pointer, folder / "latest")
+            _crash_point("save-latest", step)
             self._prune(folder)
         dist.barrier()
 
@@ -200,8 +263,31 @@ class Trainer:
         idx = self.order.indices(self.step, accum_index, self.rank, self.world, t.micro_batch_size)
         return collate([self.examples[i] for i in idx], self.tokenizer, self.recipe)
 
+    def _last_good(self) -> str:
+        tag = latest_tag(checkpoint_dir(self.recipe))
+        return f"last good checkpoint: {checkpoint_dir(self.recipe) / tag}" if tag else "no checkpoint was saved"
+
+    def _guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Stop before a non-finite loss is backpropagated (collective: every rank decides alike)."""
+        step = self.step + 1
+        if _hook_matches(INJECT_NAN_ENV, "loss", step):
+            loss = loss * float("nan")
+        elif _hook_matches(INJECT_NAN_ENV, "grad", step):
+            loss = _NaNGrad.apply(loss)
+        finite = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
+        if torch.distributed.is_initialized() and self.world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise TrainingError(f"step {step}: the loss is not finite (nan or inf); training stopped before its backward, "
+                                f"{self._last_good()} (lower optim.lr, raise optim.warmup_steps or check the data)")
+        return loss
+
     def train_step(self) -> list[BatchStats]:
-        """One optimizer step: every contrastive batch's backward, then engine.step()."""
+        """One optimizer step: every contrastive batch's backward, then engine.step().
+
+        Raises:
+            TrainingError: a non-finite loss or gradient norm (the weights are left as they were).
+        """
         t, loss_cfg = self.recipe.train, self.recipe.loss
         stats = []
         for a in range(t.gradient_accumulation_steps):
@@ -209,10 +295,10 @@ class Trainer:
             last = a == t.gradient_accumulation_steps - 1
             if t.cache_chunk_size is not None:
                 stats.append(cached_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
-                                             t.cache_chunk_size, boundary=last))
+                                             t.cache_chunk_size, boundary=last, loss_guard=self._guard_loss))
             else:
                 stats.append(plain_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
-                                            boundary=last))
+                                            boundary=last, loss_guard=self._guard_loss))
         dump = os.environ.get(DUMP_GRADS_ENV)
         if dump:
             grads = self.engine.full_grads()  # collective under ZeRO-3
@@ -221,7 +307,12 @@ class Trainer:
                 torch.save(grads, Path(dump) / f"grads_step{self.step + 1}.pt")
         self.step_lrs = self.engine.lr()  # the rates this step used (the schedule advances in step())
         self.engine.step()
+        norm = self.engine.grad_norm()  # global (identical on every rank); DeepSpeed skipped a non-finite step
+        if norm is not None and not math.isfinite(norm):
+            raise TrainingError(f"step {self.step + 1}: the gradient norm is not finite ({norm}); the step was not applied, "
+                                f"training stopped, {self._last_good()} (lower optim.lr or check the data)")
         self.step += 1
+        _crash_point("step", self.step)
         return stats
 
     # -- metrics ----------------------------------------------------------------------------------
@@ -256,6 +347,18 @@ class Trainer:
             full = weights.detach().float().cpu().clone()  # [K, D]
         monitor.log_layer_weights(self.step, full, pooler.tapped_layers)
 
+    def _report_skipped(self, monitor: Any) -> None:
+        """data.skip_malformed: the count of skipped rows on the console and in TensorBoard."""
+        skipped = getattr(self.examples, "skipped", 0)
+        if not skipped:
+            return
+        first = self.examples.problems[0] if self.examples.problems else ""
+        message = f"data: skipped {skipped} malformed row(s), trained on {len(self.examples)} (first: {first})"
+        monitor.write(message)
+        monitor.log_text("data/skipped_rows", message, self.step)
+        if monitor.writer is not None:
+            monitor.writer.add_scalar("data/skipped_rows", skipped, self.step)
+
     def _dump_embeddings(self) -> None:
         """The DUMP_EMBEDDINGS_ENV test hook (collective under ZeRO-3: every rank embeds the same texts)."""
         folder = os.environ.get(DUMP_EMBEDDINGS_ENV)
@@ -284,6 +387,7 @@ class Trainer:
                 monitor.log_recipe(self.recipe.to_yaml())
             elif dist.is_main():
                 monitor.write(f"resumed from {checkpoint_dir(self.recipe) / f'step-{self.step}'}")
+            self._report_skipped(monitor)
             self.engine.train()
             while self.step < last:
                 start = time.perf_counter()
