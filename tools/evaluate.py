@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no encoding progress bars")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for --base (as dsembed-train key=value); repeatable")
     return p
 
 
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe_path = Path(args.base) if args.base else Path(args.model_dir) / "recipe.yaml"
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise UserError(f"model folder {args.model_dir} does not exist")
-    recipe = load_recipe(recipe_path) if recipe_path.is_file() else None
+    if args.override and not args.base:
+        raise UserError("--override applies to --base RECIPE.yaml only")
+    recipe = load_recipe(recipe_path, args.override) if recipe_path.is_file() else None
     if args.base and recipe is None:
         raise UserError(f"recipe {args.base} does not exist")
     eval_cfg = recipe.eval if recipe is not None else None

@@ -213,7 +213,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
             low = np.array([100 * b.get("low", np.nan) for b in boots])
             high = np.array([100 * b.get("high", np.nan) for b in boots])
             ax.bar(np.arange(len(names)) + i * w, diff, w, label=v,
-                   yerr=np.nan_to_num(np.vstack([diff - low, high - diff])), capsize=2)
+                   yerr=np.clip(np.nan_to_num(np.vstack([diff - low, high - diff])), 0, None), capsize=2)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names, rotation=60, ha="right", fontsize=7)
         ax.set_title(c)

@@ -277,7 +277,10 @@ def _apply_lora(backbone: nn.Module, recipe: Recipe) -> nn.Module:
                           target_modules=list(cfg.target_modules), bias="none")
     try:
         with _quiet_peft():
-            return get_peft_model(backbone, peft_cfg)
+            # adapters in the backbone's dtype: peft would upcast bf16/fp16 adapters to fp32, and
+            # DeepSpeed ZeRO-3 needs one dtype across trainable parameters (bf16 LoRA next to a bf16
+            # head); its bf16 optimizer keeps fp32 master weights anyway.
+            return get_peft_model(backbone, peft_cfg, autocast_adapter_dtype=False)
     except ValueError as err:
         where = recipe.source or "<recipe>"
         raise RecipeError(f"{where}: lora.target_modules = {list(cfg.target_modules)}: {str(err).splitlines()[0]} "

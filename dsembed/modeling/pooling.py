@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsembed.config import (LastTokenPooling, LatentAttentionPooling, MeanPooling,
                             MultiLayerAttentionPooling, head_sizes, resolve_layers)
@@ -120,9 +121,27 @@ class LatentCrossAttention(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # [B, H, N, h]
         attn = attn.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # [B, N, H*h]
         x = self.latents + self.to_out(attn)  # [B, N, D]
-        value, gate = self.ffn_in(self.norm_ffn(x)).chunk(2, dim=-1)  # [B, N, mult*D] each
-        x = x + self.ffn_out(value * F.gelu(gate))  # [B, N, D]
-        return x.mean(dim=1)  # [B, D]
+        # mean_N(x + ffn_out(h)) = mean_N(x) + ffn_out(mean_N(h)) as ffn_out is affine: the [B, N, D]
+        # output is never built. The GEGLU's [B, N, 2*mult*D] intermediates, the largest tensors of
+        # the head, exist one chunk of latents at a time; with a graph each chunk is checkpointed
+        # (recomputed in backward), so the head's activation memory stays near that of x.
+        hidden = None
+        for start in range(0, n, self.FFN_CHUNK):
+            part = x[:, start:start + self.FFN_CHUNK]  # [B, c, D]
+            if torch.is_grad_enabled() and part.requires_grad:
+                summed = checkpoint(self._geglu_sum, part, use_reentrant=False)  # [B, mult*D]
+            else:
+                summed = self._geglu_sum(part)  # [B, mult*D]
+            hidden = summed if hidden is None else hidden + summed
+        return x.mean(dim=1) + self.ffn_out(hidden / n)  # [B, D]
+
+    # latents per feed-forward chunk: bounds the head's activation memory (see forward)
+    FFN_CHUNK = 64
+
+    def _geglu_sum(self, part: torch.Tensor) -> torch.Tensor:
+        """Sum over latents of the GEGLU hidden state. Args: part [B, c, D]. Returns [B, mult*D]."""
+        value, gate = self.ffn_in(self.norm_ffn(part)).chunk(2, dim=-1)  # [B, c, mult*D] each
+        return (value * F.gelu(gate)).sum(dim=1)  # [B, mult*D]
 
 
 class LatentAttentionPooler(Pooler):

@@ -152,3 +152,11 @@ def test_real_smollm2_from_package():
                         "The stock market crashed yesterday."])
     assert emb.shape == (3, 576) and np.isfinite(emb).all()
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+
+def test_bf16_lora_and_head_share_one_dtype(tiny_recipe):
+    """DeepSpeed ZeRO-3 flattens all trainable parameters into one buffer: peft must not upcast bf16 adapters."""
+    pooling = {"type": "multi_layer_attention", "layers": "all", "num_latents": 4, "num_heads": 2}
+    model = build_model(tiny_recipe("llama", pooling, lora=True, dtype="bfloat16"))
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}

@@ -89,3 +89,41 @@ def test_count_head_parameters_matches_and_paper_size():
     multi = count_head_parameters(MultiLayerAttentionPooling(preset="paper"), 4096, 32)
     assert multi - paper == 32 * 4096  # + W[K, D]
     assert build_pooler(recipe_from_dict({}).pooling, 16, 4).num_parameters() == 0
+
+
+def test_chunked_checkpointed_ffn_equals_plain_geglu_mean():
+    """The head's feed-forward runs in latent chunks (checkpointed with a graph); the result and the
+    gradients equal the plain formula mean_N(x + ffn_out(GEGLU(x)))."""
+    import torch.nn.functional as F
+
+    from dsembed.modeling.pooling import LatentCrossAttention
+
+    torch.manual_seed(0)
+    block = LatentCrossAttention(16, 2 * LatentCrossAttention.FFN_CHUNK + 5, 2, 8, ffn_mult=2).double()
+    context = torch.randn(3, 5, 16, dtype=torch.double)
+    mask = torch.ones(3, 5)
+    mask[0, :2] = 0
+
+    def reference(x_block):
+        b, s, _ = context.shape
+        keep = mask.bool()
+        ctx = context.masked_fill(~keep.unsqueeze(-1), 0.0)
+        n = x_block.latents.shape[0]
+        q = x_block.to_q(x_block.norm_latents(x_block.latents)).view(1, n, 2, 8).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = x_block.to_kv(x_block.norm_context(ctx)).chunk(2, dim=-1)
+        k, v = (t.view(b, s, 2, 8).transpose(1, 2) for t in (k, v))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :]).transpose(1, 2).reshape(b, n, 16)
+        x = x_block.latents + x_block.to_out(attn)
+        value, gate = x_block.ffn_in(x_block.norm_ffn(x)).chunk(2, dim=-1)
+        return (x + x_block.ffn_out(value * F.gelu(gate))).mean(dim=1)
+
+    probe = torch.randn(3, 16, dtype=torch.double)
+    (block(context, mask) * probe).sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    (reference(block) * probe).sum().backward()
+    assert torch.allclose(block(context, mask), reference(block), atol=1e-12)
+    for name, param in block.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-12), name
+    with torch.no_grad():
+        assert torch.allclose(block(context, mask), reference(block), atol=1e-12)
