@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     results["layer_weights"] = run.layer_weight_info(model)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results), encoding="utf-8")
+    # atomic: dsembed-study treats an existing results file as a finished stage
+    partial = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(results), encoding="utf-8")
+    os.replace(partial, output)
     print(format_results_table(results))
     print(f"results written to {output}")
     return 0

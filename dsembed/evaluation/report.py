@@ -180,6 +180,16 @@ def write_csv(comparison: dict[str, Any], path: Path) -> None:
                                  test.get("p_holm", "") if test.get("p_holm") is not None else ""])
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write as PNG and close one matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     """category_means.png, differences.png (bootstrap intervals) and, when any, layer_weights.png."""
     import matplotlib
@@ -197,10 +207,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, cats)
     ax.set_ylabel("mean main score x100")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "category_means.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "category_means.png"))
 
     others = [v for v in variants if v != base]
     fig, axes = plt.subplots(1, len(cats), figsize=(3.2 * len(cats), 3.8), squeeze=False)
@@ -219,10 +226,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(c)
     axes[0][0].set_ylabel(f"difference to {base} x100 (95% CI)")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "differences.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "differences.png"))
 
     if comparison["layer_weights"]:
         fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -231,10 +235,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("L2 norm of learned layer weight")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "layer_weights.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "layer_weights.png"))
     return written
 
 
