@@ -8,7 +8,11 @@ so the demo needs no network and no copy of anybody's data set inside this repos
   prompts is held out for evaluation (retrieval, topic classification, topic clustering) and every
   text of the held-out part is kept out of the training rows.
 - gensim's test data (LGPL-2.1 as shipped with gensim): the Lee corpus, 50 short news documents
-  with averaged human similarity judgements for all 1,225 document pairs -> an STS task.
+  with averaged human similarity judgements for all 1,225 document pairs -> an STS task; and the
+  Lee background corpus, 300 other news articles of the same source (the corpus Lee similarity is
+  conventionally trained on, e.g. gensim's LSI tutorial) -> unsupervised training rows: the start
+  of an article as the query, its continuation as the positive (the inverse-cloze idea of
+  retrieval pre-training), other articles as in-batch negatives.
 
 Tasks are written in the layout the evaluation reads (`<root>/<type>/<Name>/...`, see
 dsembed.evaluation): sts test.jsonl {sentence1, sentence2, score}; retrieval BEIR corpus.jsonl,
@@ -51,6 +55,12 @@ DEMO_SOURCES: dict[str, tuple[str, str, str]] = {
         "LGPL-2.1 (gensim test data)",
         "Lee, Pincombe and Welsh (2005) news corpus: 50 documents with averaged human similarity "
         "judgements of all 1,225 pairs, shipped in gensim's test data; sts/LeeNews",
+    ),
+    "lee_background": (
+        "gensim",
+        "LGPL-2.1 (gensim test data)",
+        "Lee background corpus: 300 news articles (none of them among the 50 judged ones), "
+        "shipped in gensim's test data; training rows (article start -> continuation)",
     ),
 }
 
@@ -186,14 +196,52 @@ def _chatterbot_rows() -> list[dict]:
     return rows
 
 
-_ROW_BUILDERS = {"chatterbot": _chatterbot_rows}
+# ---------------------------------------------------------------------------------------------
+# gensim's Lee corpora
+# ---------------------------------------------------------------------------------------------
+LEE_QUERY_WORDS = 40  # the start of an article, about one or two sentences
+LEE_POSITIVE_WORDS = 60  # its continuation; together about the length of a judged Lee document
+
+
+def _lee_documents(file_name: str) -> list[str]:
+    """One news document per non-empty line of a gensim test-data file."""
+    path = _package_dir("gensim") / "test" / "test_data" / file_name
+    if not path.is_file():
+        raise DataError(f"{path}: gensim test data missing; reinstall gensim: {INSTALL_HINT}")
+    # The files are Windows-1252 (a pound sign as byte 0xA3), not UTF-8.
+    lines = path.read_bytes().decode("cp1252", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _lee_background_rows() -> list[dict]:
+    """Article start -> continuation pairs from the 300 background articles (no hard negative:
+    the loader fills one with another row's positive, i.e. another article)."""
+    judged = {_key(d) for d in _lee_documents("lee.cor")}
+    rows, seen_starts = [], set()
+    for doc in _lee_documents("lee_background.cor"):
+        if _key(doc) in judged:  # none are today; keeps the STS task unseen if the data changes
+            continue
+        words = doc.split()
+        start = _key(" ".join(words[:LEE_QUERY_WORDS]))
+        # The corpus repeats some stories (10 of 300 share their opening): one row each, so that
+        # a repeat never sits in the same batch as a "negative" of itself.
+        if len(words) < LEE_QUERY_WORDS + 10 or start in seen_starts:
+            continue
+        seen_starts.add(start)
+        rows.append({"query": " ".join(words[:LEE_QUERY_WORDS]),
+                     "positive": " ".join(words[LEE_QUERY_WORDS:LEE_QUERY_WORDS + LEE_POSITIVE_WORDS]),
+                     "source": "lee_background"})
+    return rows
+
+
+_ROW_BUILDERS = {"chatterbot": _chatterbot_rows, "lee_background": _lee_background_rows}
 
 
 def demo_training_rows(name: str) -> list[dict]:
     """Training rows of a demo data set, built from pip-installed packages (deterministic).
 
     Args:
-        name: demo set name; known: "chatterbot".
+        name: demo set name; known: "chatterbot", "lee_background".
 
     Returns:
         Rows {"query", "positive", "negative", "source"} (source = the corpus category). Texts of
@@ -213,19 +261,15 @@ def demo_training_rows(name: str) -> list[dict]:
 # Task builders: each returns {relative path: list of JSON-able rows or raw text}, plus sizes.
 # ---------------------------------------------------------------------------------------------
 def _lee_sts() -> tuple[dict[str, list], dict]:
-    folder = _package_dir("gensim") / "test" / "test_data"
-    docs_path, sims_path = folder / "lee.cor", folder / "similarities0-1.txt"
-    for path in (docs_path, sims_path):
-        if not path.is_file():
-            raise DataError(f"{path}: gensim test data missing; reinstall gensim: {INSTALL_HINT}")
-    # One document per line; the file is Windows-1252 (a pound sign as byte 0xA3), not UTF-8.
-    docs = [line.strip() for line in docs_path.read_bytes().decode("cp1252", errors="replace").splitlines()]
-    docs = [d for d in docs if d]
+    docs = _lee_documents("lee.cor")
+    sims_path = _package_dir("gensim") / "test" / "test_data" / "similarities0-1.txt"
+    if not sims_path.is_file():
+        raise DataError(f"{sims_path}: gensim test data missing; reinstall gensim: {INSTALL_HINT}")
     # A 50x50 matrix, upper triangle filled (diagonal 1, zeros below): pairs i < j, as gensim's
     # own test_lee.py reads it (np.triu_indices(n, 1)). Scores: averaged judgements scaled to 0..1.
     matrix = [[float(v) for v in line.split()] for line in sims_path.read_text().splitlines() if line.strip()]
     if len(matrix) != len(docs) or any(len(row) != len(docs) for row in matrix):
-        raise DataError(f"{sims_path}: expected a {len(docs)}x{len(docs)} matrix for {docs_path.name}")
+        raise DataError(f"{sims_path}: expected a {len(docs)}x{len(docs)} matrix for lee.cor")
     rows = [
         {"sentence1": docs[i], "sentence2": docs[j], "score": matrix[i][j], "pair_id": f"{i}-{j}"}
         for i in range(len(docs)) for j in range(i + 1, len(docs))

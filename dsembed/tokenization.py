@@ -63,6 +63,70 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def token_ids(
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    append_eos: bool = True,
+) -> list[list[int]]:
+    """Unpadded token ids per text: the tokenizer's own special tokens, then EOS, truncated.
+
+    Truncation keeps the EOS as the last real token (the last-token head pools it).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an `eos_token_id` when `append_eos`.
+        texts: the strings.
+        max_length: the most tokens per text, EOS included.
+        append_eos: append `tokenizer.eos_token_id` (unless the tokenizer already ended with it).
+
+    Returns:
+        One list of ids per text, each 1..max_length long.
+
+    Raises:
+        ValueError: `append_eos` with a tokenizer that has no EOS token.
+    """
+    eos = tokenizer.eos_token_id
+    if append_eos and eos is None:
+        raise ValueError("append_eos needs a tokenizer with an eos_token (set model.append_eos: false)")
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    rows: list[list[int]] = []
+    for ids in encoded:
+        ids = list(ids)
+        if append_eos:
+            if ids and ids[-1] == eos:
+                ids = ids[:-1]
+            ids = ids[: max_length - 1] + [eos]
+        rows.append(ids[:max_length] or [pad_id(tokenizer)])
+    return rows
+
+
+def pad_token_ids(rows: Sequence[Sequence[int]], pad: int, padding_side: str = "left") -> dict[str, torch.Tensor]:
+    """Pad unpadded id lists to the longest.
+
+    Args:
+        rows: token ids per text (from `token_ids`).
+        pad: the padding id (`pad_id(tokenizer)`).
+        padding_side: "left" or "right".
+
+    Returns:
+        {"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T]} with T the longest row.
+
+    Raises:
+        ValueError: bad padding side.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, ids in enumerate(rows):
+        n = len(ids)
+        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        input_ids[i, sl] = torch.tensor(ids, dtype=torch.long)
+        mask[i, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def tokenize_texts(
     tokenizer: Any,
     texts: Sequence[str],
@@ -70,9 +134,7 @@ def tokenize_texts(
     padding_side: str = "left",
     append_eos: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Tokenize a batch: the tokenizer's own special tokens, then EOS, truncated, then padded.
-
-    Truncation keeps the EOS as the last real token (the last-token head pools it).
+    """Tokenize a batch (`token_ids`) and pad it (`pad_token_ids`).
 
     Args:
         tokenizer: a Hugging Face tokenizer with an `eos_token_id` when `append_eos`.
@@ -87,27 +149,7 @@ def tokenize_texts(
     Raises:
         ValueError: bad padding side, or `append_eos` with a tokenizer that has no EOS token.
     """
-    if padding_side not in ("left", "right"):
+    if padding_side not in ("left", "right"):  # checked before tokenizing: a bad call fails fast
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    eos = tokenizer.eos_token_id
-    if append_eos and eos is None:
-        raise ValueError("append_eos needs a tokenizer with an eos_token (set model.append_eos: false)")
-    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-    rows: list[list[int]] = []
-    for ids in encoded:
-        ids = list(ids)
-        if append_eos:
-            if ids and ids[-1] == eos:
-                ids = ids[:-1]
-            ids = ids[: max_length - 1] + [eos]
-        rows.append(ids[:max_length] or [pad_id(tokenizer)])
-    width = max(len(r) for r in rows)
-    pad = pad_id(tokenizer)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    for i, ids in enumerate(rows):
-        n = len(ids)
-        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
-        input_ids[i, sl] = torch.tensor(ids, dtype=torch.long)
-        mask[i, sl] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    rows = token_ids(tokenizer, texts, max_length, append_eos)
+    return pad_token_ids(rows, pad_id(tokenizer), padding_side)

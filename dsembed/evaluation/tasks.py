@@ -250,6 +250,19 @@ def _containers(task: AbsTask) -> list[dict]:
     return [data[s] for s in subsets if s in data]
 
 
+def _pairs_within_text_budget(pairs: Dataset, max_texts: int, rng: np.random.Generator) -> list[int]:
+    """Rows of an STS split, in seeded random order, kept while their distinct texts fit `max_texts`."""
+    first, second = pairs["sentence1"], pairs["sentence2"]
+    texts: set[str] = set()
+    keep = []
+    for i in rng.permutation(len(pairs)).tolist():
+        new = {first[i], second[i]} - texts
+        if len(texts) + len(new) <= max_texts:
+            texts |= new
+            keep.append(i)
+    return sorted(keep)
+
+
 def _pick(n_total: int, n: int, rng: np.random.Generator) -> list[int]:
     return sorted(rng.choice(n_total, size=min(n, n_total), replace=False).tolist())
 
@@ -257,7 +270,9 @@ def _pick(n_total: int, n: int, rng: np.random.Generator) -> list[int]:
 def limit_task(task: AbsTask, limit: int, seed: int = 42) -> None:
     """Shrink a loaded task in place to about `limit` test items (a seeded random subset).
 
-    STS: `limit` pairs. Classification: `limit` test and `limit` training texts. Retrieval:
+    STS: pairs in seeded random order, kept while their distinct texts number at most 2*`limit`
+    (the cost of STS is the texts embedded, not the pairs scored: a task of 50 documents judged in
+    all 1,225 pairs stays whole, one of distinct sentence pairs keeps about `limit`). Classification: `limit` test and `limit` training texts. Retrieval:
     `limit` queries that have relevant documents, their relevant documents and up to 10*limit other
     documents. Legacy clustering: `limit` texts in total, taken set by set; fast clustering (a flat
     item table): `limit` items. Works on mteb's own loaded structures, so named hub tasks can be
@@ -289,5 +304,7 @@ def limit_task(task: AbsTask, limit: int, seed: int = 42) -> None:
                     labels.append([row["labels"][i] for i in chosen])
                     left -= len(chosen)
                 box[split] = Dataset.from_dict({"sentences": sentences, "labels": labels})
+            elif isinstance(task, AbsTaskSTS) and isinstance(part, Dataset):
+                box[split] = part.select(_pairs_within_text_budget(part, 2 * limit, rng))
             elif isinstance(part, Dataset):
                 box[split] = part.select(_pick(len(part), limit, rng))

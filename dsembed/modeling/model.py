@@ -31,7 +31,7 @@ from dsembed.modeling.attention import set_attention_mode
 from dsembed.modeling.backbone import DTYPES, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
 from dsembed.modeling.pooling import Pooler, build_pooler
-from dsembed.tokenization import tokenize_texts
+from dsembed.tokenization import pad_id, pad_token_ids, token_ids, tokenize_texts
 
 FORMAT_VERSION = 1
 
@@ -102,7 +102,10 @@ class EmbeddingModel(nn.Module):
     @torch.no_grad()
     def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
                show_progress: bool = False) -> np.ndarray:
-        """Embed texts in eval mode, longest first (fewer pad tokens), returned in input order.
+        """Embed texts in eval mode, returned in input order.
+
+        All texts are tokenized once and batched in order of token count, longest first, so each
+        batch holds texts of nearly equal length (the least padding a fixed batch size allows).
 
         Args:
             texts: the strings.
@@ -115,7 +118,10 @@ class EmbeddingModel(nn.Module):
         """
         texts = [self.format_query(t, instruction) for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        m = self.recipe.model
+        ids = token_ids(self.tokenizer, texts, m.max_length, m.append_eos)
+        pad = pad_id(self.tokenizer)
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         was_training = self.training
         self.eval()
         device = self.device
@@ -126,7 +132,7 @@ class EmbeddingModel(nn.Module):
         try:
             for start in starts:
                 idx = order[start:start + batch_size]
-                batch = self.tokenize([texts[i] for i in idx])
+                batch = pad_token_ids([ids[i] for i in idx], pad, m.padding_side)
                 emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [b, D]
                 out[idx] = emb.float().cpu().numpy()
         finally:

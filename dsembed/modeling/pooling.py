@@ -109,39 +109,56 @@ class LatentCrossAttention(nn.Module):
             # zero padded states: a NaN there would survive a 0 attention weight
             context = context.masked_fill(~mask.unsqueeze(-1), 0.0)
         context = context.to(dtype)
-        n = self.latents.shape[0]
-        # the queries are the same for every text: project them once, broadcast over the batch
-        q = self.to_q(self.norm_latents(self.latents))  # [N, H*h]
-        q = q.view(1, n, self.num_heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)  # [B, H, N, h]
         k, v = self.to_kv(self.norm_context(context)).chunk(2, dim=-1)  # [B, S, H*h] each
         k = k.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, h]
         v = v.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, h]
         attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, S]
-        drop = self.dropout if self.training else 0.0
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # [B, H, N, h]
-        attn = attn.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # [B, N, H*h]
-        x = self.latents + self.to_out(attn)  # [B, N, D]
-        # mean_N(x + ffn_out(h)) = mean_N(x) + ffn_out(mean_N(h)) as ffn_out is affine: the [B, N, D]
-        # output is never built. The GEGLU's [B, N, 2*mult*D] intermediates, the largest tensors of
-        # the head, exist one chunk of latents at a time; with a graph each chunk is checkpointed
-        # (recomputed in backward), so the head's activation memory stays near that of x.
-        hidden = None
-        for start in range(0, n, self.FFN_CHUNK):
-            part = x[:, start:start + self.FFN_CHUNK]  # [B, c, D]
-            if torch.is_grad_enabled() and part.requires_grad:
-                summed = checkpoint(self._geglu_sum, part, use_reentrant=False)  # [B, mult*D]
+        # Every latent is a query of its own: attention, residual and feed-forward of one latent do
+        # not depend on the others, and the output is the mean over latents. So the block streams
+        # over chunks of latents, summing x and the GEGLU hidden state: mean_N(x + ffn_out(g)) =
+        # mean_N(x) + ffn_out(mean_N(g)) as ffn_out is affine. No [B, N, *] tensor is ever built:
+        # the head's working set is one chunk's, below the backbone's own activations, in
+        # inference and training alike. With a graph each chunk is checkpointed (only k, v, which
+        # all chunks share, are kept; the chunk is recomputed in backward).
+        n = self.latents.shape[0]
+        x_sum, hidden_sum = None, None
+        for start in range(0, n, self.LATENT_CHUNK):
+            latents = self.latents[start:start + self.LATENT_CHUNK]  # [c, D]
+            if torch.is_grad_enabled() and (latents.requires_grad or k.requires_grad):
+                x_part, hidden_part = checkpoint(self._chunk_sums, latents, k, v, attn_mask, use_reentrant=False)
             else:
-                summed = self._geglu_sum(part)  # [B, mult*D]
-            hidden = summed if hidden is None else hidden + summed
-        return x.mean(dim=1) + self.ffn_out(hidden / n)  # [B, D]
+                x_part, hidden_part = self._chunk_sums(latents, k, v, attn_mask)  # [B, D], [B, mult*D]
+            x_sum = x_part if x_sum is None else x_sum + x_part
+            hidden_sum = hidden_part if hidden_sum is None else hidden_sum + hidden_part
+        return x_sum / n + self.ffn_out(hidden_sum / n)  # [B, D]
 
-    # latents per feed-forward chunk: bounds the head's activation memory (see forward)
-    FFN_CHUNK = 64
+    # latents per chunk: bounds the head's working set (see forward); 32 keeps SmolLM2's head at
+    # batch 8 to ~2.5 MiB fp32 and a Mistral-sized head's matmuls large enough for a GPU
+    LATENT_CHUNK = 32
 
-    def _geglu_sum(self, part: torch.Tensor) -> torch.Tensor:
-        """Sum over latents of the GEGLU hidden state. Args: part [B, c, D]. Returns [B, mult*D]."""
-        value, gate = self.ffn_in(self.norm_ffn(part)).chunk(2, dim=-1)  # [B, c, mult*D] each
-        return (value * F.gelu(gate)).sum(dim=1)  # [B, mult*D]
+    def _chunk_sums(self, latents: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of latents through attention, residual and GEGLU, summed over the chunk.
+
+        Args:
+            latents: [c, D] this chunk's latents (queries and residual).
+            k, v: [B, H, S, h] keys and values of the context.
+            attn_mask: [B, 1, 1, S] boolean or None.
+
+        Returns:
+            (sum over the chunk of x = latents + to_out(attn): [B, D],
+             sum over the chunk of the GEGLU hidden state: [B, mult*D]).
+        """
+        b, c = k.shape[0], latents.shape[0]
+        # the queries are the same for every text: project them once, broadcast over the batch
+        q = self.to_q(self.norm_latents(latents))  # [c, H*h]
+        q = q.view(1, c, self.num_heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)  # [B, H, c, h]
+        drop = self.dropout if self.training else 0.0
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # [B, H, c, h]
+        attn = attn.transpose(1, 2).reshape(b, c, self.num_heads * self.head_dim)  # [B, c, H*h]
+        x = latents + self.to_out(attn)  # [B, c, D]
+        value, gate = self.ffn_in(self.norm_ffn(x)).chunk(2, dim=-1)  # [B, c, mult*D] each
+        return x.sum(dim=1), (value * F.gelu(gate)).sum(dim=1)  # [B, D], [B, mult*D]
 
 
 class LatentAttentionPooler(Pooler):

@@ -60,6 +60,22 @@ def test_rows_deterministic(rows):
     assert demo_data.demo_training_rows("chatterbot") == rows
 
 
+def test_lee_background_rows_are_unseen_articles(tasks_root):
+    background = demo_data.demo_training_rows("lee_background")
+    assert len(background) > 250
+    for row in background:
+        assert row["source"] == "lee_background" and "negative" not in row
+        assert len(row["query"].split()) == demo_data.LEE_QUERY_WORDS
+        assert 10 <= len(row["positive"].split()) <= demo_data.LEE_POSITIVE_WORDS
+    assert len({r["query"] for r in background}) == len(background)
+    # No judged STS document is trained on, whole or in part.
+    pairs = _jsonl(tasks_root / "sts" / "LeeNews" / "test.jsonl")
+    judged = {demo_data._key(t) for p in pairs for t in (p["sentence1"], p["sentence2"])}
+    assert not any(demo_data._key(r["query"]) in j or demo_data._key(r["positive"]) in j
+                   for r in background for j in judged)
+    assert demo_data.demo_training_rows("lee_background") == background
+
+
 def test_unknown_name_lists_known_names():
     with pytest.raises(DataError) as err:
         demo_data.demo_training_rows("nope")

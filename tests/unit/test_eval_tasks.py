@@ -146,6 +146,26 @@ def test_limit_task_keeps_relevant_documents(task_root):
     assert sum(len(s) for s in clustering.dataset["test"]["sentences"]) == 3
 
 
+def test_limit_sts_counts_texts_not_pairs(tmp_path):
+    # 6 documents judged in all 15 pairs: limit 3 allows 6 texts, so every pair stays; limit 2
+    # allows 4 texts, so only pairs among at most 4 of the documents stay.
+    docs = [f"document number {i}" for i in range(6)]
+    rows = [{"sentence1": docs[i], "sentence2": docs[j], "score": float(i + j)}
+            for i in range(6) for j in range(i + 1, 6)]
+    _write_jsonl(tmp_path / "sts" / "AllPairs" / "test.jsonl", rows)
+    whole = load_local_tasks(tmp_path)
+    run.prepare_tasks(whole, limit=3)
+    assert len(whole[0].dataset["test"]) == 15
+    cut = load_local_tasks(tmp_path)
+    run.prepare_tasks(cut, limit=2)
+    kept = cut[0].dataset["test"]
+    texts = set(kept["sentence1"]) | set(kept["sentence2"])
+    assert len(texts) <= 4 and 1 <= len(kept) <= 6
+    again = load_local_tasks(tmp_path)
+    run.prepare_tasks(again, limit=2)
+    assert again[0].dataset["test"]["sentence1"] == kept["sentence1"]  # seeded, repeatable
+
+
 def test_bad_local_file_names_file_and_line(tmp_path):
     path = tmp_path / "sts" / "Bad" / "test.jsonl"
     path.parent.mkdir(parents=True)

@@ -72,6 +72,22 @@ def test_encode_order_shape_mode_and_instruction(tiny_recipe):
     np.testing.assert_allclose(with_instr, model.encode(["Instruct: Find it\nQuery: q"]), atol=1e-6)
 
 
+def test_encode_batches_by_token_count(tiny_recipe):
+    # Byte tokenizer: "é" is two tokens, so character order and token order differ. By tokens
+    # (EOS included) the texts are 9, 7, 6, 2 long: batches of 2 are padded to 9 and 6, where a
+    # character sort would pair "abcdef" with "abcde" (7) and "éééé" with "a" (9).
+    model = build_model(tiny_recipe("llama", {"type": "last_token"}))
+    texts = ["abcde", "éééé", "a", "abcdef"]
+    widths = []
+    handle = model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    try:
+        out = model.encode(texts, batch_size=2)
+    finally:
+        handle.remove()
+    assert widths == [9, 6]
+    np.testing.assert_allclose(out, np.concatenate([model.encode([t]) for t in texts]), atol=1e-5)
+
+
 def test_gradient_checkpointing_gives_same_gradients(tiny_recipe):
     torch.manual_seed(0)
     model = build_model(tiny_recipe("mistral", MULTI, "bidirectional", lora=True, gradient_checkpointing=True, layers=3))

@@ -91,15 +91,15 @@ def test_count_head_parameters_matches_and_paper_size():
     assert build_pooler(recipe_from_dict({}).pooling, 16, 4).num_parameters() == 0
 
 
-def test_chunked_checkpointed_ffn_equals_plain_geglu_mean():
-    """The head's feed-forward runs in latent chunks (checkpointed with a graph); the result and the
-    gradients equal the plain formula mean_N(x + ffn_out(GEGLU(x)))."""
+def test_chunked_checkpointed_head_equals_plain_formula():
+    """The head streams over chunks of latents (each checkpointed with a graph); the result and the
+    gradients equal the plain formula mean_N(x + ffn_out(GEGLU(x))) over all latents at once."""
     import torch.nn.functional as F
 
     from dsembed.modeling.pooling import LatentCrossAttention
 
     torch.manual_seed(0)
-    block = LatentCrossAttention(16, 2 * LatentCrossAttention.FFN_CHUNK + 5, 2, 8, ffn_mult=2).double()
+    block = LatentCrossAttention(16, 2 * LatentCrossAttention.LATENT_CHUNK + 5, 2, 8, ffn_mult=2).double()
     context = torch.randn(3, 5, 16, dtype=torch.double)
     mask = torch.ones(3, 5)
     mask[0, :2] = 0
