@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
     p.add_argument("--instruction", action="append", default=[], metavar="TASK=TEXT",
                    help="query instruction for a task (empty TEXT: none); repeatable")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="about N test items per task")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="about N test items per task (STS: the pairs among at most 2N distinct texts)")
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no encoding progress bars")

@@ -272,10 +272,11 @@ def limit_task(task: AbsTask, limit: int, seed: int = 42) -> None:
 
     STS: pairs in seeded random order, kept while their distinct texts number at most 2*`limit`
     (the cost of STS is the texts embedded, not the pairs scored: a task of 50 documents judged in
-    all 1,225 pairs stays whole, one of distinct sentence pairs keeps about `limit`). Classification: `limit` test and `limit` training texts. Retrieval:
-    `limit` queries that have relevant documents, their relevant documents and up to 10*limit other
-    documents. Legacy clustering: `limit` texts in total, taken set by set; fast clustering (a flat
-    item table): `limit` items. Works on mteb's own loaded structures, so named hub tasks can be
+    all 1,225 pairs stays whole, one of distinct sentence pairs keeps about `limit`).
+    Classification: `limit` test and `limit` training texts. Retrieval: `limit` queries that have
+    relevant documents, their relevant documents and up to 10*limit other documents. Legacy
+    clustering: `limit` texts in total, taken set by set; fast clustering (a flat item table):
+    `limit` items. Works on mteb's own loaded structures, so named hub tasks can be
     limited too.
     """
     rng = np.random.default_rng(seed)
