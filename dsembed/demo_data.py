@@ -203,32 +203,37 @@ LEE_QUERY_WORDS = 40  # the start of an article, about one or two sentences
 LEE_POSITIVE_WORDS = 60  # its continuation; together about the length of a judged Lee document
 
 
-def _lee_documents(file_name: str) -> list[str]:
-    """One news document per non-empty line of a gensim test-data file."""
+def _gensim_test_file(file_name: str) -> Path:
+    """A file of gensim's shipped test data; DataError naming it when it is missing."""
     path = _package_dir("gensim") / "test" / "test_data" / file_name
     if not path.is_file():
         raise DataError(f"{path}: gensim test data missing; reinstall gensim: {INSTALL_HINT}")
+    return path
+
+
+def _lee_documents(file_name: str) -> list[str]:
+    """One news document per non-empty line of a gensim test-data file."""
     # The files are Windows-1252 (a pound sign as byte 0xA3), not UTF-8.
-    lines = path.read_bytes().decode("cp1252", errors="replace").splitlines()
+    lines = _gensim_test_file(file_name).read_bytes().decode("cp1252", errors="replace").splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
 def _lee_background_rows() -> list[dict]:
     """Article start -> continuation pairs from the 300 background articles (no hard negative:
-    the loader fills one with another row's positive, i.e. another article)."""
+    with data.num_negatives > 0 the loader fills in another row's positive, i.e. another article)."""
     judged = {_key(d) for d in _lee_documents("lee.cor")}
     rows, seen_starts = [], set()
     for doc in _lee_documents("lee_background.cor"):
         if _key(doc) in judged:  # none are today; keeps the STS task unseen if the data changes
             continue
         words = doc.split()
-        start = _key(" ".join(words[:LEE_QUERY_WORDS]))
+        query = " ".join(words[:LEE_QUERY_WORDS])
         # The corpus repeats some stories (10 of 300 share their opening): one row each, so that
         # a repeat never sits in the same batch as a "negative" of itself.
-        if len(words) < LEE_QUERY_WORDS + 10 or start in seen_starts:
+        if len(words) < LEE_QUERY_WORDS + 10 or _key(query) in seen_starts:
             continue
-        seen_starts.add(start)
-        rows.append({"query": " ".join(words[:LEE_QUERY_WORDS]),
+        seen_starts.add(_key(query))
+        rows.append({"query": query,
                      "positive": " ".join(words[LEE_QUERY_WORDS:LEE_QUERY_WORDS + LEE_POSITIVE_WORDS]),
                      "source": "lee_background"})
     return rows
@@ -262,9 +267,7 @@ def demo_training_rows(name: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 def _lee_sts() -> tuple[dict[str, list], dict]:
     docs = _lee_documents("lee.cor")
-    sims_path = _package_dir("gensim") / "test" / "test_data" / "similarities0-1.txt"
-    if not sims_path.is_file():
-        raise DataError(f"{sims_path}: gensim test data missing; reinstall gensim: {INSTALL_HINT}")
+    sims_path = _gensim_test_file("similarities0-1.txt")
     # A 50x50 matrix, upper triangle filled (diagonal 1, zeros below): pairs i < j, as gensim's
     # own test_lee.py reads it (np.triu_indices(n, 1)). Scores: averaged judgements scaled to 0..1.
     matrix = [[float(v) for v in line.split()] for line in sims_path.read_text().splitlines() if line.strip()]

@@ -149,7 +149,5 @@ def tokenize_texts(
     Raises:
         ValueError: bad padding side, or `append_eos` with a tokenizer that has no EOS token.
     """
-    if padding_side not in ("left", "right"):  # checked before tokenizing: a bad call fails fast
-        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     rows = token_ids(tokenizer, texts, max_length, append_eos)
     return pad_token_ids(rows, pad_id(tokenizer), padding_side)
