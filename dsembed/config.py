@@ -90,12 +90,18 @@ class MultiLayerAttentionPooling:
 
     `layers`: "all", "top-K" (the last K decoder layers) or an explicit list of 1-based indices.
     `layer_weights`: the trainable matrix W[K, D] added to the layer vectors before attention.
+    `layer_weights_init`: "normal" (standard normal, as the paper's `nn.Embedding(num_layers, dim)`) or
+    "zeros". The paper trains W at the run's single lr (1e-5), where AdamW moves an element by at most
+    ~1e-2 in 1000 steps: a zero-started W stays ~0 and "with W" equals "without W" (an inert ablation),
+    while a normal-started W stays a fixed random code that tells the layers apart (without it, the
+    latent attention over the K layer vectors is invariant to their order).
     """
 
     type: Literal["multi_layer_attention"] = "multi_layer_attention"
     preset: Literal["paper"] | None = None
     layers: str | list[int] = "all"
     layer_weights: bool = True
+    layer_weights_init: Literal["normal", "zeros"] = "normal"
     num_latents: int = 512
     num_heads: int = 8
     head_dim: int | None = None

@@ -10,7 +10,8 @@ Shapes: B batch, T tokens, D hidden size, K selected layers, N latents, H heads,
   each with a residual and a pre-LayerNorm (as NV-Embed and the paper's code), then the mean over
   the latents. Attention runs in H x h channels and projects back to D.
 - multi_layer_attention: the same block over the K per-layer masked means [B, K, D] (+ the learned
-  `layer_weights` W[K, D] when enabled) instead of the T token states.
+  `layer_weights` W[K, D] when enabled; standard-normal init as the paper's nn.Embedding, or zeros)
+  instead of the T token states.
 
 All parameters are created and initialised in the constructors: under ZeRO-3's zero.Init any
 initialisation a parent applies afterwards would be lost. `count_head_parameters` counts a head
@@ -177,12 +178,14 @@ class MultiLayerAttentionPooler(Pooler):
     """Latent cross-attention over per-layer masked means, plus optional layer weights W[K, D]."""
 
     def __init__(self, hidden_size: int, sizes: dict[str, Any], layers: list[int], use_layer_weights: bool,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, layer_weights_init: str = "normal"):
         super().__init__()
         self.tapped_layers = list(layers)
         if use_layer_weights:
-            # zeros: the head starts as a plain attention over the layer means; W then learns layer identity
-            self.layer_weights = nn.Parameter(torch.zeros(len(layers), hidden_size, dtype=dtype))  # [K, D]
+            # "normal" as the paper's nn.Embedding: at the paper's lr W barely moves from its init, so a
+            # random code is what gives the K layer vectors an identity; "zeros" starts as plain attention
+            init = torch.randn if layer_weights_init == "normal" else torch.zeros
+            self.layer_weights = nn.Parameter(init(len(layers), hidden_size, dtype=dtype))  # [K, D]
         self.block = LatentCrossAttention(hidden_size, sizes["num_latents"], sizes["num_heads"], sizes["head_dim"],
                                           sizes["ffn_mult"], sizes["dropout"], dtype=dtype)
 
@@ -219,7 +222,8 @@ def build_pooler(pooling_cfg: Any, hidden_size: int, num_layers: int, dtype: tor
         if isinstance(pooling_cfg, LatentAttentionPooling):
             return LatentAttentionPooler(hidden_size, sizes, dtype=dtype)
         layers = resolve_layers(pooling_cfg.layers, num_layers)
-        return MultiLayerAttentionPooler(hidden_size, sizes, layers, pooling_cfg.layer_weights, dtype=dtype)
+        return MultiLayerAttentionPooler(hidden_size, sizes, layers, pooling_cfg.layer_weights, dtype=dtype,
+                                         layer_weights_init=pooling_cfg.layer_weights_init)
     raise RecipeError(f"pooling.type: unknown pooling config {type(pooling_cfg).__name__}")
 
 

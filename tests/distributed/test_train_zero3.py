@@ -69,5 +69,9 @@ def test_zero3_two_ranks_lora_checkpointing_trains(tmp_path: Path, variant: str)
         assert "layer_weights/heatmap" in tags["images"]
         # the layer weights are gathered from their ZeRO-3 partitions: 4 layers x hidden 64
         assert acc.Histograms("layer_weights/values")[0].histogram_value.num == 4 * 64
+        # W gets gradients under ZeRO-3: its gathered rows move between logged steps (no weight decay on W)
+        for layer in range(1, 5):
+            norms = [e.value for e in acc.Scalars(f"layer_weights/norm/layer_{layer}")]
+            assert len(norms) == 3 and len(set(norms)) == 3, (layer, norms)
     else:
         assert "layer_weights/values" not in tags["histograms"]

@@ -121,6 +121,16 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
     assert f"| attention | {attention} |" in card and f"| pooling | {pooling} |" in card and "| steps | 2 " in card
     assert "synthetic:512" in card
     assert not (folder / "adapter").exists() and not list(folder.parent.glob("model.tmp-*"))
+    if pooling == "multi_layer_attention":  # W is consolidated from its ZeRO partitions, as the live engine had it
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(runs / name / "run" / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        rows = model.pooler.layer_weights.detach().norm(dim=-1)  # [K]
+        assert len(rows) == 4 and rows.min() > 1.0  # the paper's N(0, 1) init (row norm ~ sqrt(64)), not zeros
+        for index, norm in zip(model.pooler.tapped_layers, rows.tolist()):
+            logged = acc.Scalars(f"layer_weights/norm/layer_{index}")[-1]
+            assert logged.step == 2 and norm == pytest.approx(logged.value, rel=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

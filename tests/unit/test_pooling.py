@@ -81,6 +81,46 @@ def test_multi_layer_head_uses_layer_means():
         pooler(torch.randn(2, 5, 8), torch.ones(2, 5), None)
 
 
+def test_layer_weights_start_standard_normal_as_the_paper_or_zeros():
+    torch.manual_seed(0)
+    normal = build_pooler(MultiLayerAttentionPooling(layers="all", num_latents=4, num_heads=2), 64, 6)
+    w = normal.layer_weights.detach()  # [K=6, D=64]
+    assert w.shape == (6, 64)
+    assert abs(w.mean().item()) < 0.2 and 0.8 < w.std().item() < 1.2  # nn.Embedding's N(0, 1)
+    zeros = build_pooler(MultiLayerAttentionPooling(layers="all", layer_weights_init="zeros", num_latents=4, num_heads=2), 64, 6)
+    assert torch.count_nonzero(zeros.layer_weights) == 0
+
+
+def test_layer_weights_change_the_embedding_at_initialisation():
+    """With the paper's init, "with W" and "without W" are different models before any training."""
+    torch.manual_seed(0)
+    pooler = build_pooler(MultiLayerAttentionPooling(layers="all", num_latents=4, num_heads=2), 16, 3).eval()
+    means = torch.randn(2, 3, 16)  # [B, K, D]
+    token_states, mask = torch.randn(2, 5, 16), torch.ones(2, 5)
+    with torch.no_grad():
+        with_w = pooler(token_states, mask, means)
+        pooler.layer_weights.zero_()
+        without_w = pooler(token_states, mask, means)
+    assert (with_w - without_w).norm(dim=-1).min() > 1e-2 * without_w.norm(dim=-1).max()
+
+
+def test_only_layer_weights_give_the_layers_an_identity():
+    """Attention over K unmasked layer vectors is invariant to their order; W breaks the symmetry."""
+    torch.manual_seed(0)
+    means = torch.randn(2, 4, 16)  # [B, K, D]
+    order = torch.tensor([2, 0, 3, 1])
+    token_states, mask = torch.randn(2, 5, 16), torch.ones(2, 5)
+    plain = build_pooler(MultiLayerAttentionPooling(layers="all", layer_weights=False, num_latents=4, num_heads=2), 16, 4)
+    assert not hasattr(plain, "layer_weights")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(token_states, mask, means), plain(token_states, mask, means[:, order]),
+                                   rtol=0, atol=1e-6)
+        torch.manual_seed(0)
+        weighted = build_pooler(MultiLayerAttentionPooling(layers="all", num_latents=4, num_heads=2), 16, 4)
+        out, permuted = weighted(token_states, mask, means), weighted(token_states, mask, means[:, order])
+    assert (out - permuted).abs().max() > 1e-3
+
+
 def test_count_head_parameters_matches_and_paper_size():
     cfg = MultiLayerAttentionPooling(layers="top-2", num_latents=5, num_heads=2, head_dim=6)
     assert count_head_parameters(cfg, 16, 4) == build_pooler(cfg, 16, 4).num_parameters()
