@@ -45,6 +45,7 @@ setup(
             "dsembed-study=tools.study:cli",
             "dsembed-demo=tools.demo:cli",
             "dsembed-bench=tools.bench:cli",
+            "dsembed-probe-layers=dsembed.cli.probe_layers:cli",
         ]
     },
 )

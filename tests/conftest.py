@@ -44,3 +44,62 @@ def make_tiny_recipe(model_type: str = "llama", pooling: dict[str, Any] | None =
 def tiny_recipe():
     """Factory fixture: tiny_recipe(model_type="llama", pooling={...}, attention="causal", lora=False, layers=2, ...)."""
     return make_tiny_recipe
+
+
+# ----------------------------------------------------------------------------- tiny local MTEB tasks
+
+TOPICS = {
+    "space": "rocket orbit planet galaxy astronaut telescope comet lunar",
+    "food": "bread cheese pasta tomato recipe oven garlic butter",
+    "music": "guitar melody concert drum violin chorus rhythm piano",
+    "sport": "football goal referee stadium tennis sprint medal coach",
+}
+
+
+def sentence_about(rng, topic: str, n: int = 5) -> str:
+    """`n` words drawn from one of TOPICS."""
+    return " ".join(rng.choice(TOPICS[topic].split(), size=n))
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def task_root(tmp_path_factory):
+    """A tasks dir with one tiny local task of each type: TinySTS, TinyRetrieval,
+    TinyClassification, TinyClustering (topic words, so a bag-of-trigrams scores well)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("tasks")
+    topics = list(TOPICS)
+    sts = []
+    for i in range(24):  # same topic -> high gold score, other topic -> low
+        a, b = topics[i % 4], topics[(i // 2) % 4]
+        sts.append({"sentence1": sentence_about(rng, a), "sentence2": sentence_about(rng, b),
+                    "score": 4.5 if a == b else 0.5 + (i % 3) * 0.3})
+    write_jsonl(root / "sts" / "TinySTS" / "test.jsonl", sts)
+    docs = [{"_id": f"d{i}", "title": topics[i % 4], "text": sentence_about(rng, topics[i % 4], 8)}
+            for i in range(16)]
+    write_jsonl(root / "retrieval" / "TinyRetrieval" / "corpus.jsonl", docs)
+    write_jsonl(root / "retrieval" / "TinyRetrieval" / "queries.jsonl",
+                [{"_id": f"q{i}", "text": docs[i]["text"].split()[0] + " " + docs[i]["text"].split()[1]}
+                 for i in range(8)])
+    qrels = root / "retrieval" / "TinyRetrieval" / "qrels" / "test.tsv"
+    qrels.parent.mkdir(parents=True)
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
+    for split, n in (("train", 10), ("test", 6)):
+        write_jsonl(root / "classification" / "TinyClassification" / f"{split}.jsonl",
+                    [{"text": sentence_about(rng, t), "label": t} for t in topics for _ in range(n)])
+    sets = []
+    for _ in range(2):
+        chosen = topics[:3]
+        sets.append({"sentences": [sentence_about(rng, t) for t in chosen for _ in range(6)],
+                     "labels": [t for t in chosen for _ in range(6)]})
+    sets.append({"sentences": [sentence_about(rng, "food") for _ in range(4)], "labels": ["food"] * 4})
+    write_jsonl(root / "clustering" / "TinyClustering" / "test.jsonl", sets)
+    return root

@@ -8,7 +8,7 @@ With neither --tasks nor --tasks-dir, the model recipe's `eval` section decides.
 picks task names under --tasks-dir. Task data is loaded before the model, so a missing folder or an
 unreachable hub fails in a second. Results JSON (format "dsembed-eval/1"):
   {"format", "model": {"name", "path"|"recipe", "pooling", "attention"}, "mteb_version", "created",
-   "settings": {"batch_size", "limit", "instructions"},
+   "settings": {"batch_size", "limit", "task_limits", "instructions"},
    "layer_weights": {"layers": [int], "norms": [float]} | null,
    "tasks": {NAME: {"category", "type", "main_metric", "main_score", "items_score", "split",
                     "instruction", "source", "scores": {subset: {metric: value}},
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", action="append", default=[], metavar="TASK=TEXT",
                    help="query instruction for a task (empty TEXT: none); repeatable")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="about N test items per task (STS: the pairs among at most 2N distinct texts)")
+    p.add_argument("--task-limit", action="append", default=[], metavar="TASK=N",
+                   help="--limit for one task (overrides --limit there); repeatable")
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no encoding progress bars")
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if not names and not tasks_dir:
         raise UserError("no tasks: give --tasks PRESET_OR_NAME... or --tasks-dir ROOT")
     tasks = load_local_tasks(tasks_dir, names or None) if tasks_dir else run.named_tasks(names)
-    run.prepare_tasks(tasks, limit=args.limit)
+    task_limits = run.parse_task_limits(args.task_limit, tasks)
+    run.prepare_tasks(tasks, limit=args.limit, task_limits=task_limits)
     evaluated = {t.metadata.name for t in tasks}
     # The recipe may hold instructions for tasks not run now; a command-line one must name a task.
     overrides = {k: v for k, v in (eval_cfg.instructions if eval_cfg else {}).items() if k in evaluated}
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                                  batch_size=batch_size, show_progress=not args.no_progress,
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
     results["model"] = info
-    results["settings"] = {"batch_size": batch_size, "limit": args.limit, "instructions": instructions}
+    results["settings"] = {"batch_size": batch_size, "limit": args.limit, "task_limits": task_limits,
+                           "instructions": instructions}
     results["layer_weights"] = run.layer_weight_info(model)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

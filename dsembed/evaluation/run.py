@@ -71,8 +71,30 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return (ConnectionError, LocalEntryNotFoundError, OfflineModeIsEnabled)
 
 
-def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = 42) -> None:
+def parse_task_limits(pairs: list[str], tasks: list[AbsTask]) -> dict[str, int]:
+    """`--task-limit TASK=N` arguments -> {task: N}.
+
+    Raises:
+        UserError: a malformed pair, N below 2, or a task that is not among `tasks`.
+    """
+    names = {t.metadata.name for t in tasks}
+    out = {}
+    for pair in pairs:
+        task, _, text = pair.partition("=")
+        if not task or not text.isdigit() or int(text) < 2:
+            raise UserError(f"--task-limit {pair!r}: expected TASK=N with N at least 2")
+        if task not in names:
+            raise UserError(f"--task-limit {pair!r}: no task {task!r} among those evaluated ({', '.join(sorted(names))})")
+        out[task] = int(text)
+    return out
+
+
+def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = 42,
+                  task_limits: dict[str, int] | None = None) -> None:
     """Load every task's data (before any model is loaded) and apply --limit.
+
+    `task_limits` (task name -> N) overrides `limit` for the tasks it names: retrieval tasks embed
+    10 x N documents besides the relevant ones, so they usually need a smaller N than STS.
 
     Raises:
         UserError: a named task's data cannot be downloaded (hub unreachable), or a local file is bad.
@@ -84,8 +106,9 @@ def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = 42
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"the Hugging Face hub is unreachable (loading task {task.metadata.name}: "
                             f"{first}); evaluate local tasks with --tasks-dir ROOT instead") from None
-        if limit is not None:
-            limit_task(task, limit, seed)
+        task_limit = (task_limits or {}).get(task.metadata.name, limit)
+        if task_limit is not None:
+            limit_task(task, task_limit, seed)
 
 
 def resolve_instructions(tasks: list[AbsTask], overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -162,6 +185,15 @@ def _install_capture(task: AbsTask, category: str, store: dict[str, dict]) -> No
         _wrap(task, "_compute_metrics", clustering)
 
 
+_CAPTURED = ("_evaluate_subset", "_calculate_scores", "task_specific_scores", "_run_experiment", "_compute_metrics")
+
+
+def _remove_capture(task: AbsTask) -> None:
+    """Undo `_install_capture`: its hooks are instance attributes shadowing the class methods."""
+    for attr in _CAPTURED:
+        task.__dict__.pop(attr, None)
+
+
 def _main_score(task_result, task: AbsTask) -> tuple[float, dict[str, Any]]:
     split = task.metadata.eval_splits[0]
     per_subset = task_result.scores[split]
@@ -197,14 +229,17 @@ def evaluate_tasks(model: TextEncoder, tasks: list[AbsTask], *, model_name: str 
         log(f"[{number}/{len(tasks)}] {name} ({category})")
         items: dict[str, dict] = {}
         _install_capture(task, category, items)
-        with warnings.catch_warnings():
-            # sklearn warns about ill-defined precision on tiny or limited test sets; the study
-            # reads accuracy only.
-            warnings.filterwarnings("ignore", module=r"sklearn\.")
-            # cache=None: mteb's default cache would return stale scores for a reused model name.
-            outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
-                                    encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
-                                    show_progress_bar=False, raise_error=True)
+        try:
+            with warnings.catch_warnings():
+                # sklearn warns about ill-defined precision on tiny or limited test sets; the study
+                # reads accuracy only.
+                warnings.filterwarnings("ignore", module=r"sklearn\.")
+                # cache=None: mteb's default cache would return stale scores for a reused model name.
+                outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
+                                        encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
+                                        show_progress_bar=False, raise_error=True)
+        finally:
+            _remove_capture(task)  # a task evaluated again (the layer probe) is hooked afresh, not twice
         main, scores = _main_score(outcome.task_results[0], task)
         for record in items.values():
             record.pop("predictions", None)

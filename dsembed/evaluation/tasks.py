@@ -147,12 +147,15 @@ class LocalClassificationTask(_LocalTask, AbsTaskClassification):
     """Texts with labels; mteb fits logistic regression on 8 examples per label, 10 times."""
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-        splits = {}
-        for split in ("train", "test"):
-            rows = _read_jsonl(self.task_dir / f"{split}.jsonl", ("text", "label"))
-            splits[split] = Dataset.from_dict({"text": [str(r["text"]) for r in rows],
-                                               "label": [str(r["label"]) for r in rows]})
-        self.dataset = DatasetDict(splits)
+        rows = {split: _read_jsonl(self.task_dir / f"{split}.jsonl", ("text", "label")) for split in ("train", "test")}
+        # Integer labels stay integers: mteb scores a two-label task's average precision with
+        # pos_label=1, which fails on the strings "0"/"1". Anything else becomes a string.
+        integral = all(isinstance(r["label"], int) and not isinstance(r["label"], bool)
+                       for split_rows in rows.values() for r in split_rows)
+        label = (lambda value: value) if integral else str
+        self.dataset = DatasetDict({split: Dataset.from_dict({"text": [str(r["text"]) for r in split_rows],
+                                                               "label": [label(r["label"]) for r in split_rows]})
+                                    for split, split_rows in rows.items()})
         self.data_loaded = True
 
 

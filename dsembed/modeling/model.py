@@ -72,21 +72,28 @@ class EmbeddingModel(nn.Module):
         Returns:
             [B, D] embeddings, L2-normalised when recipe.model.normalize.
         """
-        # positions count real tokens only, so a padded text sees exactly its unpadded positions
-        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [B, T]
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        layer_means = None
-        if self.pooler.tapped_layers:
-            taps = LayerTaps(self.backbone, self.pooler.tapped_layers)
-            with taps.capture(attention_mask):
-                out = self.backbone(**kwargs)
-            layer_means = taps.stacked()  # [B, K, D]
-        else:
-            out = self.backbone(**kwargs)
-        emb = self.pooler(out.last_hidden_state, attention_mask, layer_means)  # [B, D]
+        last_hidden, layer_means = self.run_backbone(input_ids, attention_mask, self.pooler.tapped_layers)
+        emb = self.pooler(last_hidden, attention_mask, layer_means)  # [B, D]
         if self.recipe.model.normalize:
             emb = F.normalize(emb.float(), dim=-1).to(emb.dtype)  # [B, D]
         return emb
+
+    def run_backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One backbone forward with lazy taps on `layers` (1-based).
+
+        Returns:
+            (last_hidden [B, T, D] final-normed states, layer_means [B, K, D] or None without layers).
+        """
+        # positions count real tokens only, so a padded text sees exactly its unpadded positions
+        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [B, T]
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if not layers:
+            return self.backbone(**kwargs).last_hidden_state, None
+        taps = LayerTaps(self.backbone, list(layers))
+        with taps.capture(attention_mask):
+            out = self.backbone(**kwargs)
+        return out.last_hidden_state, taps.stacked()  # [B, T, D], [B, K, D]
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize as training does: EOS appended, truncation to max_length, recipe padding side."""
@@ -116,8 +123,20 @@ class EmbeddingModel(nn.Module):
         Returns:
             float32 array [N, D].
         """
-        texts = [self.format_query(t, instruction) for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx, input_ids, attention_mask in self.length_batches(texts, instruction, batch_size, show_progress):
+            out[idx] = self(input_ids, attention_mask).float().cpu().numpy()  # [b, D]
+        return out
+
+    def length_batches(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
+                       show_progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Tokenize once and yield padded batches in order of token count, in eval mode.
+
+        Yields:
+            (positions of the batch's texts in `texts`, input_ids [b, T], attention_mask [b, T]) on
+            the model's device.
+        """
+        texts = [self.format_query(t, instruction) for t in texts]
         m = self.recipe.model
         ids = token_ids(self.tokenizer, texts, m.max_length, m.append_eos)
         pad = pad_id(self.tokenizer)
@@ -133,11 +152,9 @@ class EmbeddingModel(nn.Module):
             for start in starts:
                 idx = order[start:start + batch_size]
                 batch = pad_token_ids([ids[i] for i in idx], pad, m.padding_side)
-                emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # [b, D]
-                out[idx] = emb.float().cpu().numpy()
+                yield idx, batch["input_ids"].to(device), batch["attention_mask"].to(device)
         finally:
             self.train(was_training)
-        return out
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters of the pooling head."""

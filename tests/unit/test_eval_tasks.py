@@ -20,6 +20,8 @@ from dsembed.evaluation import run
 from dsembed.evaluation.presets import E5_TASK_INSTRUCTIONS, PRESETS
 from dsembed.evaluation.tasks import limit_task, load_local_tasks
 
+from tests.conftest import write_jsonl
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_TASKS = REPO.parent / "shared" / "data" / "tasks"
 
@@ -39,56 +41,6 @@ class HashEncoder:
             for i in range(len(padded) - 2):
                 out[row, zlib.crc32(padded[i:i + 3].encode()) % self.dim] += 1.0
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
-TOPICS = {
-    "space": "rocket orbit planet galaxy astronaut telescope comet lunar",
-    "food": "bread cheese pasta tomato recipe oven garlic butter",
-    "music": "guitar melody concert drum violin chorus rhythm piano",
-    "sport": "football goal referee stadium tennis sprint medal coach",
-}
-
-
-def _sentence(rng: np.random.Generator, topic: str, n: int = 5) -> str:
-    return " ".join(rng.choice(TOPICS[topic].split(), size=n))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def task_root(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("tasks")
-    topics = list(TOPICS)
-    sts = []
-    for i in range(24):  # same topic -> high gold score, other topic -> low
-        a, b = topics[i % 4], topics[(i // 2) % 4]
-        sts.append({"sentence1": _sentence(rng, a), "sentence2": _sentence(rng, b),
-                    "score": 4.5 if a == b else 0.5 + (i % 3) * 0.3})
-    _write_jsonl(root / "sts" / "TinySTS" / "test.jsonl", sts)
-    docs = [{"_id": f"d{i}", "title": topics[i % 4], "text": _sentence(rng, topics[i % 4], 8)}
-            for i in range(16)]
-    _write_jsonl(root / "retrieval" / "TinyRetrieval" / "corpus.jsonl", docs)
-    _write_jsonl(root / "retrieval" / "TinyRetrieval" / "queries.jsonl",
-                 [{"_id": f"q{i}", "text": docs[i]["text"].split()[0] + " " + docs[i]["text"].split()[1]}
-                  for i in range(8)])
-    qrels = root / "retrieval" / "TinyRetrieval" / "qrels" / "test.tsv"
-    qrels.parent.mkdir(parents=True)
-    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
-    for split, n in (("train", 10), ("test", 6)):
-        _write_jsonl(root / "classification" / "TinyClassification" / f"{split}.jsonl",
-                     [{"text": _sentence(rng, t), "label": t} for t in topics for _ in range(n)])
-    sets = []
-    for _ in range(2):
-        chosen = topics[:3]
-        sets.append({"sentences": [_sentence(rng, t) for t in chosen for _ in range(6)],
-                     "labels": [t for t in chosen for _ in range(6)]})
-    sets.append({"sentences": [_sentence(rng, "food") for _ in range(4)], "labels": ["food"] * 4})
-    _write_jsonl(root / "clustering" / "TinyClustering" / "test.jsonl", sets)
-    return root
 
 
 def test_all_four_local_types_score_through_mteb(task_root):
@@ -120,8 +72,8 @@ def test_all_four_local_types_score_through_mteb(task_root):
 
 def test_instructions_e5_defaults_and_overrides(task_root, tmp_path):
     banking = tmp_path / "classification" / "Banking77"
-    _write_jsonl(banking / "train.jsonl", [{"text": "a", "label": "x"}])
-    _write_jsonl(banking / "test.jsonl", [{"text": "a", "label": "x"}])
+    write_jsonl(banking / "train.jsonl", [{"text": "a", "label": "x"}])
+    write_jsonl(banking / "test.jsonl", [{"text": "a", "label": "x"}])
     chosen = run.resolve_instructions(load_local_tasks(tmp_path))
     assert chosen["Banking77"] == E5_TASK_INSTRUCTIONS["Banking77Classification"]
     tasks = load_local_tasks(task_root)
@@ -152,7 +104,7 @@ def test_limit_sts_counts_texts_not_pairs(tmp_path):
     docs = [f"document number {i}" for i in range(6)]
     rows = [{"sentence1": docs[i], "sentence2": docs[j], "score": float(i + j)}
             for i in range(6) for j in range(i + 1, 6)]
-    _write_jsonl(tmp_path / "sts" / "AllPairs" / "test.jsonl", rows)
+    write_jsonl(tmp_path / "sts" / "AllPairs" / "test.jsonl", rows)
     whole = load_local_tasks(tmp_path)
     run.prepare_tasks(whole, limit=3)
     assert len(whole[0].dataset["test"]) == 15
@@ -222,3 +174,21 @@ def test_layer_weight_info_reads_row_norms_of_the_head():
 
     assert run.layer_weight_info(Model()) == {"layers": [7, 8], "norms": [5.0, 1.0]}
     assert run.layer_weight_info(HashEncoder()) is None
+
+
+def test_integer_labels_stay_integers_for_binary_tasks(tmp_path):
+    """SST2 / MR / CR ship 0/1 labels: as strings, mteb's average precision (pos_label=1) fails."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 16)):
+        write_jsonl(tmp_path / "classification" / "Binary" / f"{split}.jsonl",
+                    [{"text": f"good great fine {i}" if i % 2 else f"bad awful poor {i}", "label": i % 2}
+                     for i in rng.permutation(n).tolist()])
+    write_jsonl(tmp_path / "classification" / "Named" / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "x"}])
+    write_jsonl(tmp_path / "classification" / "Named" / "test.jsonl", [{"text": "a", "label": 1}])
+    binary, named = load_local_tasks(tmp_path, ["Binary", "Named"])
+    binary.load_data()
+    named.load_data()
+    assert set(binary.dataset["test"]["label"]) == {0, 1}
+    assert named.dataset["train"]["label"] == ["1", "x"]  # mixed labels all become strings
+    result = run.evaluate_tasks(HashEncoder(64), [binary], log=lambda _: None)["tasks"]["Binary"]
+    assert result["main_score"] > 0.9 and result["items_score"] == pytest.approx(result["main_score"], abs=1e-4)
