@@ -48,10 +48,12 @@ class Example:
 class LoadedExamples(list):
     """The examples (a plain list) plus how many malformed rows were skipped, for logging."""
 
-    def __init__(self, items: Iterable[Example] = (), skipped: int = 0, problems: list[str] | None = None):
+    def __init__(self, items: Iterable[Example] = (), skipped: int = 0, problems: list[str] | None = None,
+                 already_instructed: int = 0):
         super().__init__(items)
         self.skipped = skipped
         self.problems = problems or []  # the first few skipped rows' messages
+        self.already_instructed = already_instructed  # queries that came with an instruction of their own
 
 
 class _RowError(Exception):
@@ -276,7 +278,13 @@ def load_examples(recipe: Recipe) -> LoadedExamples:
     if collector.skipped:
         log.warning("skipped %d malformed training rows; first: %s", collector.skipped, collector.problems[0])
     fill_negatives(collector.examples, cfg.num_negatives, cfg.seed)
-    return LoadedExamples(collector.examples, collector.skipped, collector.problems)
+    instructions = query_instructions(cfg)
+    already = sum(1 for e in collector.examples
+                  if instruction_for(e.source, instructions) and has_instruction(cfg.query_template, e.query))
+    if already:
+        log.warning("data: %d of %d queries already carry an instruction in data.query_template's form; "
+                    "no second one is added to them", already, len(collector.examples))
+    return LoadedExamples(collector.examples, collector.skipped, collector.problems, already)
 
 
 # ----------------------------------------------------------------------------- instructions
@@ -296,13 +304,29 @@ def format_query(template: str, instruction: str | None, query: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
+def has_instruction(template: str, query: str) -> bool:
+    """Whether `query` is already `template` filled in (e.g. "Instruct: ...\nQuery: ...").
+
+    Mixtures such as the paper's `yixuantt/ir_data` may ship queries with their E5 instruction in
+    place; the template's literal parts must then all be there, in order, around a non-empty
+    instruction.
+    """
+    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, literal
+    pattern = "".join(re.escape(p) if i % 2 == 0 else ("(.+?)" if p == "instruction" else "(.*)")
+                      for i, p in enumerate(parts))
+    return re.fullmatch(pattern, query, flags=re.DOTALL) is not None
+
+
 def query_text(example: Example, recipe: Recipe) -> str:
     """The query as the model sees it, with the instruction for its source applied.
 
-    The instruction is `data.instructions` (over `data.instruction_preset`) for the row's source,
-    exact then lower-cased, else "default", else none (the raw query).
+    The instruction is `data.instructions` (over `data.instruction_preset`) for the row's source
+    (dsembed.instructions.instruction_for), else "default", else none (the raw query). A query that
+    already carries an instruction in the template's form is kept as it is, never instructed twice.
     """
     instruction = instruction_for(example.source, query_instructions(recipe.data))
+    if instruction and has_instruction(recipe.data.query_template, example.query):
+        return example.query
     return format_query(recipe.data.query_template, instruction, example.query)
 
 

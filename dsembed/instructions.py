@@ -51,9 +51,10 @@ def query_instructions(data: DataConfig) -> dict[str, str]:
 
 
 def instruction_for(source: str | None, instructions: dict[str, str]) -> str | None:
-    """The description for a row's source: exact name, then lower-cased, then "default", else None."""
+    """The description for a row's source: exact name, lower-cased, the lower-cased name up to its
+    first "-" (so "snli-dev" and "trecqa-wang-train" find "snli" and "trecqa"), then "default", else None."""
     if source is not None:
-        for key in (source, source.lower()):
+        for key in (source, source.lower(), source.lower().split("-", 1)[0]):
             if key in instructions:
                 return instructions[key]
     return instructions.get("default")

@@ -12,6 +12,7 @@ stages are recognised by what they leave behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -50,11 +51,21 @@ class StudyConfig:
     tasks_dir: str | None = None
     eval_batch_size: int = 32
     eval_limit: int | None = None
+    eval_limits: dict[str, int] = field(default_factory=dict)  # per task name, over eval_limit
+    probe_base: bool = False  # score every layer of the untrained backbone (dsembed-probe-layers) too
     holm: bool = False
 
 
-def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+               tasks_dir: str | None = None) -> tuple[StudyConfig, Path]:
     """Read and check a study file; recipes are loaded and validated up front.
+
+    Args:
+        path: the study YAML.
+        overrides: recipe `key=value` overrides for every variant, after the study's own (the
+            command line's --override: e.g. local training data instead of a hub dataset).
+        tasks_dir: local tasks to evaluate on instead of the study's tasks (relative to the
+            working directory).
 
     Returns:
         The study and the folder that relative paths resolve against.
@@ -64,6 +75,10 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
     """
     path = Path(path)
     study = from_dict(StudyConfig, read_yaml_mapping(path, "study"), "", str(path))
+    if overrides:
+        study = dataclasses.replace(study, overrides=[*study.overrides, *overrides])
+    if tasks_dir is not None:
+        study = dataclasses.replace(study, tasks=[], tasks_dir=str(Path(tasks_dir).resolve()))
     where = str(path)
     if not study.variants:
         raise RecipeError(f"{where}: variants is empty (name at least one recipe)")
@@ -139,9 +154,27 @@ class StudyRunner:
         command = [sys.executable, "-m", "tools.evaluate", *target, *tasks, "--name", name,
                    "--output", str(self.out / "results" / f"{name}.json"),
                    "--batch-size", str(self.study.eval_batch_size)]
-        if self.study.eval_limit is not None:
-            command += ["--limit", str(self.study.eval_limit)]
+        return command + self._limit_arguments()
+
+    def _limit_arguments(self) -> list[str]:
+        command = [] if self.study.eval_limit is None else ["--limit", str(self.study.eval_limit)]
+        for task, limit in self.study.eval_limits.items():
+            command += ["--task-limit", f"{task}={limit}"]
         return command
+
+    def _probe_command(self, tasks: list[str]) -> list[str]:
+        """dsembed-probe-layers on the untrained backbone, with the evaluation's tasks and limits."""
+        first = next(iter(self.study.variants))
+        return [sys.executable, "-m", "tools.probe_layers", str(_recipe_path(self.study, self.root, first)),
+                *[f"--override={o}" for o in _overrides(self.study, first)], *tasks,
+                "--output-dir", str(self.out / "probe"), "--batch-size", str(self.study.eval_batch_size),
+                *self._limit_arguments()]
+
+    def _base_target(self) -> list[str]:
+        """--base RECIPE --override ... for the untrained backbone of the first variant."""
+        first = next(iter(self.study.variants))
+        return ["--base", str(_recipe_path(self.study, self.root, first)),
+                *[f"--override={o}" for o in _overrides(self.study, first)]]
 
     def run(self) -> Path:
         """Train, export and evaluate every variant, evaluate the base, write the report.
@@ -169,14 +202,15 @@ class StudyRunner:
             if not (out / "results" / f"{name}.json").exists():
                 self._run(f"{prefix}: evaluate", self._evaluate_command([str(model_dir)], name, tasks))
         if study.include_base and not (out / "results" / f"{BASE_NAME}.json").exists():
-            first = names[0]
-            base_overrides = [f"--override={o}" for o in _overrides(study, first)]
-            target = ["--base", str(_recipe_path(study, self.root, first)), *base_overrides]
-            self._run(f"{BASE_NAME}: evaluate", self._evaluate_command(target, BASE_NAME, tasks))
+            self._run(f"{BASE_NAME}: evaluate", self._evaluate_command(self._base_target(), BASE_NAME, tasks))
+        if study.probe_base and not (out / "probe" / "layers.json").exists():
+            self._run(f"{BASE_NAME}: probe layers", self._probe_command(tasks))
         results = [str(out / "results" / f"{n}.json") for n in ([BASE_NAME] if study.include_base else []) + names]
         baseline = study.baseline or (BASE_NAME if study.include_base else names[0])
         compare = [sys.executable, "-m", "tools.compare", *results, "--baseline", baseline, "--output", str(out / "report")]
         if study.holm:
             compare.append("--holm")
+        if study.include_base and baseline != BASE_NAME:
+            compare += ["--reference", BASE_NAME]  # shown, not a question of the study: outside the Holm family
         self._run("compare", compare)
         return out / "report"

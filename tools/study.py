@@ -12,8 +12,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsembed-study", description=__doc__)
     parser.add_argument("study", help="study YAML (see recipes/studies/)")
     parser.add_argument("--output-dir", help="where runs, models, results and the report go (default: the study's output_dir)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every variant, after the study's own; repeatable")
+    parser.add_argument("--tasks-dir", metavar="ROOT", help="evaluate on the local tasks in ROOT instead of the study's tasks")
     args = parser.parse_args(argv)
-    study, root = load_study(args.study)
+    study, root = load_study(args.study, args.override, args.tasks_dir)
     report = StudyRunner(study, root, args.output_dir).run()
     print(f"[study {study.name}] report: {report}/report.md", flush=True)
     return 0

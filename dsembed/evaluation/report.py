@@ -54,17 +54,29 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
 
 
 def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
-            alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+            alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
+            references: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The comparison record of all variants against `baseline` (schema in tools/compare.py).
 
+    Args:
+        references: variants shown in the tables (with bootstrap intervals) but not tested: no
+            Wilcoxon test and not in the Holm family (e.g. the untrained `base` of an ablation study,
+            whose questions are the ablations against the full method).
+
     Raises:
-        UserError: the baseline is not among the variants, or fewer than two variants.
+        UserError: the baseline is not among the variants, a reference is unknown or is the baseline,
+            or fewer than two variants.
     """
     if baseline not in variants:
         raise UserError(f"--baseline {baseline!r} is not one of the results: {', '.join(variants)}")
     if len(variants) < 2:
         raise UserError("compare needs at least two results files")
+    bad = [r for r in references if r not in variants or r == baseline]
+    if bad:
+        raise UserError(f"--reference {bad[0]!r} is not one of the non-baseline results: "
+                        f"{', '.join(v for v in variants if v != baseline)}")
     others = [v for v in variants if v != baseline]
+    tested = [v for v in others if v not in references]
     common = set.intersection(*(set(r["tasks"]) for r in variants.values()))
     base_tasks = variants[baseline]["tasks"]
     categories: dict[str, Any] = {}
@@ -76,9 +88,9 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
         categories[cat] = {
             "tasks": names,
             "means": {v: float(np.mean(list(score[v].values()))) for v in variants},
-            "tests": {v: statistics.wilcoxon_test(score[baseline], score[v]).to_dict() for v in others},
+            "tests": {v: statistics.wilcoxon_test(score[baseline], score[v]).to_dict() for v in tested},
         }
-    tests = [(cat, v) for cat in categories for v in others]
+    tests = [(cat, v) for cat in categories for v in tested]
     adjusted = statistics.holm([categories[c]["tests"][v]["pvalue"] for c, v in tests], alpha) \
         if use_holm and tests else [None] * len(tests)
     for (cat, v), p_adj in zip(tests, adjusted):
@@ -103,8 +115,8 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
                 record["bootstrap"][v] = {"error": "no per-item scores in the results"}
         datasets[name] = record
     layer_weights = {v: r["layer_weights"] for v, r in variants.items() if r.get("layer_weights")}
-    return {"baseline": baseline, "variants": list(variants), "alpha": alpha, "holm": use_holm,
-            "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
+    return {"baseline": baseline, "variants": list(variants), "references": list(references),
+            "alpha": alpha, "holm": use_holm, "n_tests": len(tests), "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
             "layer_weights": layer_weights}
 
 
@@ -134,8 +146,9 @@ def markdown(comparison: dict[str, Any]) -> str:
         out.append(f"| {v}{' (baseline)' if v == base else ''} | " + " | ".join(cells) + " |")
     out += ["", f"Wilcoxon {p_name} per category:", "", "| variant | " + " | ".join(cats) + " |",
             "|---|" + "---:|" * len(cats)]
+    references = comparison.get("references", [])
     for v in comparison["variants"]:
-        if v == base:
+        if v == base or v in references:
             continue
         cells = []
         for c in cats:
@@ -143,6 +156,9 @@ def markdown(comparison: dict[str, Any]) -> str:
             p = t["p_holm"] if comparison["holm"] else t["pvalue"]
             cells.append(f"{p:.3g} (n={t['n']})")
         out.append(f"| {v} | " + " | ".join(cells) + " |")
+    out += ["", f"## Answers: each variant against `{base}`", ""] + [f"- {line}" for line in answers(comparison)]
+    if references:
+        out += ["", f"Not tested (reference rows): {', '.join(references)}."]
     others = [v for v in comparison["variants"] if v != base]
     out += ["", "Per dataset x100: variant score, difference to the baseline and its paired bootstrap "
             "95% interval (* = interval excludes 0).", "",
@@ -160,6 +176,28 @@ def markdown(comparison: dict[str, Any]) -> str:
             cells.append(text)
         out.append(f"| {name} | {d['category']} | {100 * d['scores'][base]:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def answers(comparison: dict[str, Any]) -> list[str]:
+    """One line per tested variant and category: the difference to the baseline, the Wilcoxon test
+    over datasets and whether the difference holds at alpha, before and after Holm."""
+    base, alpha = comparison["baseline"], comparison["alpha"]
+    lines = []
+    for v in comparison["variants"]:
+        for cat, record in comparison["categories"].items():
+            test = record["tests"].get(v)
+            if test is None:
+                continue
+            diff = 100 * (record["means"][v] - record["means"][base])
+            p = test["pvalue"]
+            held = "yes" if p == p and p < alpha else "no"  # p != p: NaN (every difference 0)
+            line = (f"{v} vs {base}, {cat}: {diff:+.2f} points (mean over {len(record['tasks'])} datasets); "
+                    f"Wilcoxon p = {p:.3g} (n = {test['n']}); p < {alpha}: {held}")
+            if comparison["holm"]:
+                holds = "yes" if test["significant"] else "no"
+                line += f"; after Holm over {comparison['n_tests']} tests (p = {test['p_holm']:.3g}): {holds}"
+            lines.append(line)
+    return lines
 
 
 def write_csv(comparison: dict[str, Any], path: Path) -> None:

@@ -93,3 +93,35 @@ def test_compare_unknown_baseline_is_one_line_exit_2(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("error: --baseline 'nope' is not one of the results")
+
+
+def test_ablation_answers_with_a_reference_row_outside_the_holm_family(tmp_path):
+    """The ablation study's report: each variant vs the full method in one line per category, Holm over
+    the tested variants only; the untrained base is a reference row (shown, not tested)."""
+    paths = []
+    for name, quality in (("all", 0.9), ("top4", 0.3), ("no-layer-weights", 0.88), ("base", 0.0)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_fake_results(name, quality, seed=len(paths))))
+    out = tmp_path / "r"
+    assert main([*map(str, paths), "--baseline", "all", "--output", str(out), "--holm", "--reference", "base",
+                 "--resamples", "50"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["references"] == ["base"] and comparison["n_tests"] == 2 * 4  # 2 variants x 4 categories
+    sts = comparison["categories"]["sts"]
+    assert set(sts["tests"]) == {"top4", "no-layer-weights"}
+    # Holm over 8 tests: the smallest p (2/64) times 8 = 0.25, not significant after Holm
+    assert sts["tests"]["top4"]["pvalue"] == 2 / 64 and sts["tests"]["top4"]["p_holm"] == 8 * 2 / 64
+    assert not sts["tests"]["top4"]["significant"]
+    assert "base" in comparison["datasets"]["STS0"]["bootstrap"]  # intervals still shown for the reference
+    report = (out / "report.md").read_text()
+    answer = next(line for line in report.splitlines() if line.startswith("- top4 vs all, sts:"))
+    diff = 100 * (sts["means"]["top4"] - sts["means"]["all"])
+    assert f"{diff:+.2f} points (mean over 6 datasets)" in answer and diff < 0
+    assert "Wilcoxon p = 0.0312 (n = 6); p < 0.05: yes; after Holm over 8 tests (p = 0.25): no" in answer
+    assert not any(line.startswith("- base vs all") for line in report.splitlines())
+    assert "Not tested (reference rows): base." in report
+    from dsembed.errors import run_cli
+
+    assert run_cli(main, [*map(str, paths), "--baseline", "all", "--output", str(tmp_path / "x"),
+                          "--reference", "all"]) == 2  # the baseline cannot be a reference
+    assert not (tmp_path / "x").exists()

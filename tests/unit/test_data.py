@@ -165,6 +165,40 @@ def test_query_instructions_by_source_default_and_none(tmp_path):
     assert format_query(template, None, "raw") == "raw"
 
 
+def test_source_names_with_a_split_suffix_find_their_preset_instruction(tmp_path):
+    from dsembed.instructions import E5_INSTRUCTIONS
+
+    recipe = make_recipe(tmp_path, instruction_preset="e5")
+    for source, key in [("snli-dev", "snli"), ("trecqa-wang-train", "trecqa"), ("stsb-train>=4", "stsb"),
+                        ("MRPC-train", "mrpc"), ("sick-train+trial", "sick")]:
+        assert query_text(Example("q", "p", [], source), recipe) == f"Instruct: {E5_INSTRUCTIONS[key]}\nQuery: q"
+    assert query_text(Example("q", "p", [], "unknown-src"), recipe).startswith(f"Instruct: {E5_INSTRUCTIONS['default']}")
+
+
+def test_a_query_that_already_carries_an_instruction_gets_no_second_one(tmp_path, caplog):
+    from dsembed.data import has_instruction
+
+    template = "Instruct: {instruction}\nQuery: {query}"
+    assert has_instruction(template, "Instruct: Given a claim, find evidence\nQuery: the moon is made of cheese")
+    assert has_instruction(template, "Instruct: x\nQuery: ")  # an empty query is still the template's form
+    assert not has_instruction(template, "Instruct: only a prefix")
+    assert not has_instruction(template, "Query: no instruction\nInstruct: x")
+    assert not has_instruction(template, "Instruct: \nQuery: q")  # an empty instruction is no instruction
+    recipe = make_recipe(tmp_path, instruction_preset="e5")
+    carried = "Instruct: Retrieve passages\nQuery: what is dsembed"
+    assert query_text(Example(carried, "p", [], "msmarco"), recipe) == carried
+    assert query_text(Example("what is dsembed", "p", [], "msmarco"), recipe).count("Instruct:") == 1
+    rows = write_lines(tmp_path / "rows.jsonl", [{"query": carried, "positive": "a", "source": "msmarco"},
+                                                 {"query": "plain", "positive": "b", "source": "msmarco"},
+                                                 {"query": carried, "positive": "c", "source": "msmarco"}])
+    with caplog.at_level("WARNING"):
+        loaded = load_examples(make_recipe(tmp_path, train=[str(rows)], instruction_preset="e5", num_negatives=0))
+    assert loaded.already_instructed == 2
+    assert "2 of 3 queries already carry an instruction" in caplog.text
+    # without any instruction to add, nothing is counted
+    assert load_examples(make_recipe(tmp_path, train=[str(rows)], num_negatives=0)).already_instructed == 0
+
+
 def test_collate_orders_documents_query_major(tmp_path, monkeypatch):
     seen = []
 
