@@ -28,7 +28,8 @@ def test_paper_studies_cover_the_five_designs():
         study, _ = load_study(REPO / "recipes" / "studies" / f"paper-{model}.yaml")
         assert list(study.variants) == [f"model{i}" for i in range(1, 6)]
         ablation, _ = load_study(REPO / "recipes" / "studies" / f"ablations-{model}.yaml")
-        assert {"top4", "top8", "top16", "all", "no-layer-weights"} <= set(ablation.variants)
+        assert {"top4", "top8", "top16", "all", "no-layer-weights", "model1"} <= set(ablation.variants)
+        assert ablation.baseline == "all" and ablation.holm  # each ablation is tested against the full method
 
 
 def write(tmp_path, text):
