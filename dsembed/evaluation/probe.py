@@ -37,6 +37,8 @@ class AllLayerEmbeddings:
         self.model = model
         self.layers = list(range(1, num_decoder_layers(model.backbone) + 1))
         self._cache: dict[tuple[str, str | None], np.ndarray] = {}  # -> [L, D]
+        self.norm_sum = np.zeros(len(self.layers))  # sum over embedded texts of ||layer mean|| per layer
+        self.count = 0
 
     def clear(self) -> None:
         """Forget the cached embeddings (between tasks: memory stays one task's texts)."""
@@ -49,6 +51,9 @@ class AllLayerEmbeddings:
         batches = self.model.length_batches(missing, instruction, batch_size) if missing else ()
         for idx, input_ids, attention_mask in batches:
             _, means = self.model.run_backbone(input_ids, attention_mask, self.layers)  # [b, L, D]
+            # the scale a layer-weight row (norm ~sqrt(D) at N(0, 1) init) is added to
+            self.norm_sum += means.float().norm(dim=-1).sum(dim=0).cpu().numpy()  # [L]
+            self.count += means.shape[0]
             means = torch.nn.functional.normalize(means.float(), dim=-1).cpu().numpy()
             for row, i in enumerate(idx):
                 self._cache[(missing[i], instruction)] = means[row]
@@ -78,7 +83,8 @@ def probe_layers(model: Any, tasks: list[AbsTask], instructions: dict[str, str],
 
     Returns:
         {"format", "layers": [1..L], "tasks": {task: {"category", "scores": {layer: score}}},
-         "categories": {category: {layer: mean score}}, "best": {category: {"layer", "score"}}}.
+         "categories": {category: {layer: mean score}}, "best": {category: {"layer", "score"}},
+         "mean_norms": {layer: mean L2 norm of the layer's masked mean over every text embedded}}.
     """
     source = AllLayerEmbeddings(model)
     quiet: Callable[[str], None] = lambda line: None  # noqa: E731
@@ -102,8 +108,9 @@ def probe_layers(model: Any, tasks: list[AbsTask], instructions: dict[str, str],
             categories[category] = {layer: float(np.mean([per_task[n]["scores"][layer] for n in names]))
                                     for layer in source.layers}
     best = {c: {"layer": max(s, key=s.get), "score": max(s.values())} for c, s in categories.items()}
+    norms = source.norm_sum / max(source.count, 1)  # [L]
     return {"format": PROBE_FORMAT, "layers": source.layers, "tasks": per_task, "categories": categories,
-            "best": best}
+            "best": best, "mean_norms": {layer: float(n) for layer, n in zip(source.layers, norms)}}
 
 
 def write_probe(result: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -46,6 +46,7 @@ def test_probe_on_a_recipe_scores_every_layer_and_the_last_equals_mean_pooling(t
         assert best["score"] == max(means.values()) and means[str(best["layer"])] == best["score"]
         assert f"best layer for {category}: {best['layer']} of 4" in stdout
     assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(result["mean_norms"]) == ["1", "2", "3", "4"] and min(result["mean_norms"].values()) > 0
 
     # layer L is the final-normed state: its mean-pooled score is exactly dsembed-evaluate's score of the
     # same backbone with the mean head (same seed -> same random weights, same mteb path and instructions)
