@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--limit must be at least 2")
     recipe = load_recipe(source, args.override) if is_recipe else None
     tasks = load_local_tasks(args.tasks_dir, args.tasks or None) if args.tasks_dir else run.named_tasks(args.tasks)
-    run.prepare_tasks(tasks, limit=args.limit, task_limits=run.parse_task_limits(args.task_limit, tasks))
+    task_limits = run.parse_task_limits(args.task_limit, tasks)
+    run.prepare_tasks(tasks, limit=args.limit, task_limits=task_limits)
     instructions = run.resolve_instructions(tasks)
 
     import torch
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     result = probe_layers(model, tasks, instructions, batch_size=args.batch_size,
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     result["source"] = str(source)
-    result["settings"] = {"limit": args.limit, "task_limits": run.parse_task_limits(args.task_limit, tasks),
+    result["settings"] = {"limit": args.limit, "task_limits": task_limits,
                           "batch_size": args.batch_size, "instructions": instructions}
     paths = write_probe(result, Path(args.output_dir))
     for category, best in result["best"].items():
