@@ -52,7 +52,7 @@ def _consolidate(*args: str) -> tuple[int, str, str]:
     import io
 
     from dsembed.errors import run_cli
-    from tools.consolidate import main
+    from dsembed.cli.consolidate import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -179,7 +179,7 @@ def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Pat
     # no `latest`: a one-line error from the real console entry point, exit 2, no traceback
     bare = tmp_path / "bare"
     shutil.copytree(src / "checkpoints" / "step-2", bare / "checkpoints" / "step-2")
-    run = subprocess.run([sys.executable, "-m", "tools.consolidate", str(bare), str(tmp_path / "out1")],
+    run = subprocess.run([sys.executable, "-m", "dsembed.cli.consolidate", str(bare), str(tmp_path / "out1")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "latest" in run.stderr
@@ -190,7 +190,7 @@ def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Pat
     shutil.copytree(src, trunc)
     shard = next((trunc / "checkpoints" / "step-2").glob("zero_pp_rank_1_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    run = subprocess.run([sys.executable, "-m", "tools.consolidate", str(trunc), str(tmp_path / "out2")],
+    run = subprocess.run([sys.executable, "-m", "dsembed.cli.consolidate", str(trunc), str(tmp_path / "out2")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "truncated" in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob("out2.tmp-*"))

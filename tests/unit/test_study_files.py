@@ -56,7 +56,7 @@ def test_bad_study_files(tmp_path, text, message):
 
 def test_study_cli_bad_file_is_one_line(tmp_path):
     path = write(tmp_path, "name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nlauncher: mpirun\n")
-    result = subprocess.run([sys.executable, "-m", "tools.study", str(path)], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, "-m", "dsembed.cli.study", str(path)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and str(path) in result.stderr
