@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.base:
         from dsembed.modeling.model import build_model
 
-        model = build_model(recipe).to(device).eval()
+        model = build_model(recipe, attn_fallback=True).to(device).eval()
         info = {"name": args.name or f"base-{Path(args.base).stem}", "recipe": str(args.base)}
     else:
         from dsembed.modeling.model import EmbeddingModel
