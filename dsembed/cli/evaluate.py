@@ -4,7 +4,9 @@
     dsembed-evaluate MODEL_DIR --tasks-dir ../shared/data/tasks --limit 200 --output r.json
     dsembed-evaluate --base recipes/tiny-cpu.yaml --tasks-dir tasks --output base.json
 
-With neither --tasks nor --tasks-dir, the model recipe's `eval` section decides. With both, --tasks
+With neither --tasks nor --tasks-dir, the model recipe's `eval` section decides. An exported model's
+README.md (model card) gets the scores: the hub's model-index metadata and a results table (the
+main scores of every evaluation so far are kept in MODEL_DIR/eval_results.json). With both, --tasks
 picks task names under --tasks-dir. Task data is loaded before the model, so a missing folder or an
 unreachable hub fails in a second. Results JSON (format "dsembed-eval/1"):
   {"format", "model": {"name", "path"|"recipe", "pooling", "attention"}, "mteb_version", "created",
@@ -122,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(partial, output)
     print(format_results_table(results))
     print(f"results written to {output}")
+    if args.model_dir:
+        from dsembed.model_card import add_results
+
+        card = add_results(args.model_dir, results)
+        if card is not None:
+            print(f"model card updated with the scores (model-index): {card}")
     return 0
 
 

@@ -3,8 +3,10 @@
 One torchrun launch trains every variant for 2 steps (tests/e2e/train_variants.py); the trainer's
 DSEMBED_DUMP_EMBEDDINGS hook embeds a probe list with the LIVE engine (ZeRO-3 partitioned weights)
 after the last step. The exports must give the same embeddings through `EmbeddingModel.load` and
-`SentenceTransformer(dir, trust_remote_code=True)` (queries with prompt_name="query"), mteb must
-evaluate the folder directly, and damaged checkpoints must be refused in one line with exit 2.
+`SentenceTransformer(dir, trust_remote_code=True)` (queries with prompt_name="query"), also in a
+process where dsembed cannot be imported (tests/no_dsembed.py), mteb must evaluate the folder
+directly (and dsembed-evaluate writes the scores into its card), a run whose recipe asks for
+flash-attn must export without it, and damaged checkpoints must be refused in one line with exit 2.
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
     from dsembed import EmbeddingModel
 
     folder = exported[name]
+    attention, pooling = EXPECTED[name]
     live = np.load(runs / name / "dump" / "embeddings.npz")
     model = EmbeddingModel.load(folder)
     docs = model.encode(PROBE["texts"])
@@ -107,7 +110,9 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
 
     st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     assert st.prompts["query"] == f"Instruct: {INSTRUCTION}\nQuery: " and st.prompts["document"] == ""
-    assert st.default_prompt_name is None and len(st) == 1  # no Pooling / Normalize module after ours
+    plain = pooling == "last_token"  # sentence-transformers' own modules; trainable heads: dsembed_model.py
+    expected = ["Transformer", "Pooling", "Normalize"] if plain else ["PortableEmbedding", "Normalize"]
+    assert st.default_prompt_name is None and [type(m).__name__ for m in st] == expected
     st_queries = st.encode(PROBE["queries"], prompt_name="query", batch_size=2)
     st_docs = st.encode(PROBE["texts"], batch_size=2)  # other batching and padding than encode's
     assert _cosines(st_queries, live["queries"]).min() >= COSINE
@@ -115,12 +120,56 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
     np.testing.assert_allclose(np.linalg.norm(st_docs, axis=1), 1.0, atol=1e-5)  # normalised once
 
     meta = json.loads((folder / "dsembed.json").read_text())
-    attention, pooling = EXPECTED[name]
     assert (meta["attention"], meta["pooling"], meta["lora"]) == (attention, pooling, "merged")
     card = (folder / "README.md").read_text()
     assert f"| attention | {attention} |" in card and f"| pooling | {pooling} |" in card and "| steps | 2 " in card
     assert "synthetic:512" in card
     assert not (folder / "adapter").exists() and not list(folder.parent.glob("model.tmp-*"))
+
+
+def test_exports_load_without_dsembed(runs: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+    """All five designs and the ZeRO-2 run, in ONE process where `import dsembed` fails."""
+    from tests.unit.test_portable import run_without_dsembed
+
+    got = run_without_dsembed(exported, tmp_path, PROBE["texts"], PROBE["queries"])
+    for name in VARIANTS:
+        live = np.load(runs / name / "dump" / "embeddings.npz")
+        assert _cosines(got[name]["documents"], live["documents"]).min() >= COSINE, name
+        assert _cosines(got[name]["queries"], live["queries"]).min() >= COSINE, name
+        # a plain AutoModel.from_pretrained of the folder attends as the design says
+        assert bool(got[name]["bidirectional"]) == (EXPECTED[name][0] == "bidirectional"), name
+
+
+def test_flash_attention_run_exports_on_a_machine_without_flash_attn(runs: Path, tmp_path: Path) -> None:
+    """A GPU run's checkpoint (recipe: flash_attention_2) consolidates on CPU with sdpa, one printed line."""
+    import importlib.util
+    import shutil
+
+    import torch
+    import yaml
+
+    from dsembed import EmbeddingModel
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: nothing to fall back from")
+    from dsembed.modeling import backbone
+
+    run = tmp_path / "gpu-run"
+    shutil.copytree(runs / "model1" / "run" / "checkpoints" / "step-2", run / "checkpoints" / "step-2")
+    (run / "checkpoints" / "latest").write_text("step-2")
+    for shard in (run / "checkpoints" / "step-2").glob("*model_states.pt"):  # as the GPU run would have saved it
+        state = torch.load(shard, map_location="cpu", weights_only=False)
+        recipe = yaml.safe_load(state["recipe"])
+        recipe["model"]["attn_implementation"] = "flash_attention_2"
+        state["recipe"] = yaml.safe_dump(recipe)
+        torch.save(state, shard)
+    backbone._FALLBACK_NOTED.clear()
+    code, _, err = _consolidate(str(run), str(tmp_path / "out"))
+    assert code == 0, err
+    assert err.count("flash-attn is not installed") == 1 and "using sdpa" in err
+    live = np.load(runs / "model1" / "dump" / "embeddings.npz")
+    docs = EmbeddingModel.load(tmp_path / "out").encode(PROBE["texts"])
+    assert _cosines(docs, live["documents"]).min() >= COSINE
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -135,7 +184,7 @@ def test_keep_adapter_round_trip(runs: Path, exported: dict[str, Path]) -> None:
     assert code == 0 and "adapter parameters:" in stdout
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "dsembed.json").read_text())["lora"] == "adapter"
-    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(out / "backbone"), out / "adapter")
+    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(out), out / "adapter")
     assert any("lora_A" in n for n, _ in peft.named_parameters())
     live = np.load(runs / "model5" / "dump" / "embeddings.npz")
     kept = EmbeddingModel.load(out)
@@ -170,6 +219,25 @@ def test_mteb_evaluates_the_exported_folder(runs: Path, exported: dict[str, Path
     assert np.isfinite(score) and -1.0 <= score <= 1.0
     # the STS type prompt gives mteb the instruction dsembed-evaluate uses: the same score
     assert score == pytest.approx(ours["main_score"], abs=1e-6)
+
+    # dsembed-evaluate on the folder puts the score into its model card (hub model-index + table)
+    import contextlib
+    import io
+
+    import yaml
+
+    from dsembed.cli.evaluate import main as evaluate_main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert evaluate_main([str(folder), "--tasks-dir", str(tmp_path / "tasks"), "--no-progress",
+                              "--output", str(tmp_path / "r.json")]) == 0
+    card = (folder / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    entry = meta["model-index"][0]["results"][0]
+    assert entry["dataset"]["type"] == "TinySTS" and entry["task"]["type"] == "STS"
+    assert entry["metrics"][0] == {"type": "cos_sim_spearman", "value": round(100 * ours["main_score"], 2)}
+    assert f"| TinySTS | sts | cosine_spearman | {100 * ours['main_score']:.2f} |" in card
+    assert card.count("## Evaluation") == 1 and "trust_remote_code=True" in card  # the portable module's usage
 
 
 def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Path) -> None:
@@ -234,4 +302,13 @@ def test_prompts_for_a_template_with_text_after_the_query(tiny_recipe) -> None:
     module = DsembedEmbedding(model, suffixes)
     got = module.preprocess(["abc", "de"], prompt=prompts["query"])
     want = model.tokenize([model.format_query(t, "find it") for t in ("abc", "de")])
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
+    # the portable module (used for such templates even with a mean head) appends the suffix too
+    from dsembed.portable import PortableEmbedding
+    from dsembed.st_files import head_config
+
+    m = recipe.model
+    portable = PortableEmbedding(model.backbone, model.tokenizer, model.pooler, head_config(model), m.max_length,
+                                 m.padding_side, m.append_eos, suffixes)
+    got = portable.preprocess(["abc", "de"], prompt=prompts["query"])
     assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])

@@ -51,38 +51,45 @@ def _perturbed(recipe) -> EmbeddingModel:
     return model
 
 
-def run_without_dsembed(folder: Path, tmp: Path, batch_size: int = 2) -> dict[str, np.ndarray]:
-    """tests/no_dsembed.py in a fresh process whose sys.path lacks the repository and blocks dsembed."""
-    spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"texts": TEXTS, "queries": QUERIES, "batch_size": batch_size}), encoding="utf-8")
-    out = tmp / "out.npz"
+def run_without_dsembed(folders: dict[str, Path], tmp: Path, texts: list[str], queries: list[str],
+                        batch_size: int = 2) -> dict[str, dict[str, np.ndarray]]:
+    """tests/no_dsembed.py in one fresh process whose sys.path lacks the repository and blocks dsembed."""
+    jobs = [{"folder": str(folder), "out": str(tmp / f"{name}.npz")} for name, folder in folders.items()]
+    spec = tmp / "no-dsembed.json"
+    spec.write_text(json.dumps({"texts": texts, "queries": queries, "batch_size": batch_size, "jobs": jobs}), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "no_dsembed.py"), str(folder), str(spec), str(out)],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "no_dsembed.py"), str(spec)],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(out))
+    return {name: dict(np.load(tmp / f"{name}.npz")) for name in folders}
 
 
-@pytest.mark.parametrize("pooling,attention,form", [
-    ({"type": "last_token"}, "bidirectional", "plain"),
-    ({"type": "mean"}, "causal", "plain"),
-    (MULTI, "bidirectional", "portable"),
-])
-def test_export_loads_without_dsembed(tiny_recipe, tmp_path, pooling, attention, form):
-    recipe = _with_instruction(tiny_recipe("llama", pooling, attention, lora=True, padding_side="left"))
-    model = _perturbed(recipe)
-    folder = tmp_path / "m"
-    assert _export(model, folder) == form
-    assert (folder / "dsembed_model.py").exists() == (form == "portable")
-    got = run_without_dsembed(folder, tmp_path)
-    want_docs = EmbeddingModel.load(folder).encode(TEXTS)
-    want_queries = EmbeddingModel.load(folder).encode(QUERIES, instruction=INSTRUCTION)
-    assert _cos(got["documents"], want_docs).min() >= 0.99999
-    assert _cos(got["queries"], want_queries).min() >= 0.99999
-    assert _cos(want_docs, model.encode(TEXTS)).min() >= 0.99999  # the export is the live model
-    assert bool(got["bidirectional"]) == (attention == "bidirectional")  # a plain AutoModel load keeps the mode
-    expected = ["Transformer", "Pooling", "Normalize"] if form == "plain" else ["PortableEmbedding", "Normalize"]
-    assert list(got["modules"]) == expected
+CASES = {  # name: (pooling, attention, padding side, sentence-transformers form)
+    "last-bidirectional": ({"type": "last_token"}, "bidirectional", "left", "plain"),
+    "mean-causal-right": ({"type": "mean"}, "causal", "right", "plain"),
+    "multi-bidirectional": (MULTI, "bidirectional", "left", "portable"),
+}
+
+
+def test_export_loads_without_dsembed(tiny_recipe, tmp_path):
+    folders, models = {}, {}
+    for name, (pooling, attention, side, form) in CASES.items():
+        recipe = _with_instruction(tiny_recipe("llama", pooling, attention, lora=True, padding_side=side))
+        models[name] = _perturbed(recipe)
+        folders[name] = tmp_path / name
+        assert _export(models[name], folders[name]) == form
+        assert (folders[name] / "dsembed_model.py").exists() == (form == "portable")
+    results = run_without_dsembed(folders, tmp_path, TEXTS, QUERIES)
+    for name, (pooling, attention, side, form) in CASES.items():
+        got, loaded = results[name], EmbeddingModel.load(folders[name])
+        want_docs, want_queries = loaded.encode(TEXTS), loaded.encode(QUERIES, instruction=INSTRUCTION)
+        assert _cos(got["documents"], want_docs).min() >= 0.99999, name
+        assert _cos(got["queries"], want_queries).min() >= 0.99999, name
+        assert _cos(want_docs, models[name].encode(TEXTS)).min() >= 0.99999, name  # the export is the live model
+        assert not np.allclose(got["queries"], models[name].encode(QUERIES))  # the query prompt was applied
+        assert bool(got["bidirectional"]) == (attention == "bidirectional"), name  # a plain AutoModel load keeps it
+        expected = ["Transformer", "Pooling", "Normalize"] if form == "plain" else ["PortableEmbedding", "Normalize"]
+        assert list(got["modules"]) == expected, name
 
 
 def test_generated_module_is_dsembed_source(tiny_recipe, tmp_path):
