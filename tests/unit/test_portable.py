@@ -188,3 +188,37 @@ def unwrap_impl(model: EmbeddingModel) -> str:
     from dsembed.modeling.backbone import unwrap
 
     return unwrap(model.backbone).config._attn_implementation
+
+
+def test_evaluate_falls_back_to_sdpa_for_flash_recipes(tiny_recipe, tmp_path, capsys):
+    """dsembed-evaluate --base RECIPE and dsembed-evaluate MODEL_DIR of a flash-attn recipe run on CPU."""
+    import importlib.util
+
+    import yaml
+
+    from dsembed.cli.evaluate import main as evaluate_main
+    from dsembed.modeling import backbone
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: nothing to fall back from")
+    task = tmp_path / "tasks" / "sts" / "TinySTS"
+    task.mkdir(parents=True)
+    words = ["red", "blue", "car", "fox", "dog", "house", "tree", "bicycle"]
+    rng = np.random.default_rng(0)
+    task.joinpath("test.jsonl").write_text("".join(json.dumps({
+        "sentence1": " ".join(rng.choice(words, 3)), "sentence2": " ".join(rng.choice(words, 3)),
+        "score": float(rng.integers(0, 6))}) + "\n" for _ in range(12)), encoding="utf-8")
+    recipe = tiny_recipe("llama", {"type": "mean"}, "bidirectional", attn_implementation="flash_attention_2")
+    recipe_path = tmp_path / "flash.yaml"
+    recipe_path.write_text(recipe.to_yaml(), encoding="utf-8")
+    assert yaml.safe_load(recipe_path.read_text())["model"]["attn_implementation"] == "flash_attention_2"
+    folder = build_model(recipe, attn_fallback=True).save(tmp_path / "model")  # recipe.yaml keeps flash
+    capsys.readouterr()
+    for target in (["--base", str(recipe_path)], [str(folder)]):
+        backbone._FALLBACK_NOTED.clear()
+        assert evaluate_main([*target, "--tasks-dir", str(tmp_path / "tasks"), "--no-progress",
+                              "--output", str(tmp_path / "r.json")]) == 0
+        err = capsys.readouterr().err
+        assert err.count("flash-attn is not installed") == 1, err
+        assert json.loads((tmp_path / "r.json").read_text())["tasks"]["TinySTS"]["main_score"] == pytest.approx(
+            json.loads((tmp_path / "r.json").read_text())["tasks"]["TinySTS"]["items_score"], abs=1e-4)
