@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["dsembed", "dsembed.*", "tools"]),
+    packages=find_packages(include=["dsembed", "dsembed.*"]),
     include_package_data=True,
     # DeepSpeed templates live at the top level (ds_configs/); wheels carry them to <prefix>/share/dsembed.
     data_files=[("share/dsembed/ds_configs", ["ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json"])],
@@ -39,12 +39,12 @@ setup(
     entry_points={
         "console_scripts": [
             "dsembed-train=dsembed.train:cli",
-            "dsembed-consolidate=tools.consolidate:cli",
-            "dsembed-evaluate=tools.evaluate:cli",
-            "dsembed-compare=tools.compare:cli",
-            "dsembed-study=tools.study:cli",
-            "dsembed-demo=tools.demo:cli",
-            "dsembed-bench=tools.bench:cli",
+            "dsembed-consolidate=dsembed.cli.consolidate:cli",
+            "dsembed-evaluate=dsembed.cli.evaluate:cli",
+            "dsembed-compare=dsembed.cli.compare:cli",
+            "dsembed-study=dsembed.cli.study:cli",
+            "dsembed-demo=dsembed.cli.demo:cli",
+            "dsembed-bench=dsembed.cli.bench:cli",
             "dsembed-probe-layers=dsembed.cli.probe_layers:cli",
         ]
     },

@@ -5,13 +5,18 @@ DeepSpeed's zero_to_fp32 (through dsembed.engine, the only deepspeed importer), 
 from the recipe stored in the checkpoint, and the merged state dict is loaded into it.
 
 Folder written (OUT_DIR):
-    dsembed.json, recipe.yaml, backbone/, [adapter/], pooler.safetensors, tokenizer/
-                                        EmbeddingModel.save's layout (LoRA merged unless keep_adapter)
-    modules.json                        one module: dsembed_st.DsembedEmbedding (no Pooling/Normalize)
-    dsembed_st.py, dsembed_st.json      the sentence-transformers module (dsembed/st_module.py) + its config
+    config.json, model*.safetensors, tokenizer files   the backbone as a plain transformers folder
+                                        (LoRA merged; bf16/fp16 runs merged and written in float32;
+                                        config.is_causal = the attention mode); the tokenizer appends
+                                        the EOS itself, pads on the recipe's side, no chat template
+    dsembed.json, recipe.yaml, pooler.safetensors   EmbeddingModel.save's files ([adapter/] with --keep-adapter)
+    modules.json + module configs       sentence-transformers, in one of three forms (see
+                                        write_sentence_transformers_files): plain Transformer/Pooling/
+                                        Normalize, the generated dsembed_model.py, or dsembed_st.py
     config_sentence_transformers.json   prompts ("query" = the training instruction in the query
                                         template; per MTEB task / task type, as dsembed-evaluate uses)
-    README.md                           model card: variant, base model, training data, steps
+    README.md                           model card (dsembed/model_card.py): variant, base model, data,
+                                        steps, loading without dsembed; results after dsembed-evaluate
 It is written to OUT_DIR.tmp-<pid> and renamed at the end, so OUT_DIR is either complete or absent.
 """
 from __future__ import annotations
@@ -30,16 +35,14 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from dsembed.config import Recipe, recipe_from_dict
+from dsembed.config import recipe_from_dict
 from dsembed.errors import CheckpointError, UserError
+from dsembed.model_card import model_card
+from dsembed.st_files import sentence_transformers_prompts, write_sentence_transformers_files  # noqa: F401 - public here too
 
-ST_MODULE_FILE = "dsembed_st.py"
-ST_MODULE_TYPE = "dsembed_st.DsembedEmbedding"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _MODEL_STATES = re.compile(r"^(zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-# mteb task types (TaskMetadata.type) for dsembed's evaluation categories
-_MTEB_TYPES = {"sts": "STS", "retrieval": "Retrieval", "classification": "Classification", "clustering": "Clustering"}
 
 
 @dataclass
@@ -56,6 +59,8 @@ class ExportSummary:
     dim: int = 0
     world_size: int | None = None
     lora: str = "none"  # "merged", "adapter" or "none"
+    form: str = ""  # sentence-transformers form: "plain", "portable" or "dsembed"
+    backbone_dtype: str = ""
 
 
 # ----------------------------------------------------------------------------- finding the checkpoint
@@ -154,7 +159,7 @@ def load_from_checkpoint(folder: Path, tag: str, client_state: dict[str, Any] | 
 
     state = client_state if client_state is not None else check_checkpoint(folder, tag)
     recipe = recipe_from_dict(yaml.safe_load(state["recipe"]), f"{folder / tag} (client state recipe)")
-    model = build_model(recipe, base_dir)
+    model = build_model(recipe, base_dir, attn_fallback=True)  # a GPU (flash-attn) run exports on CPU
     log = io.StringIO()  # zero_to_fp32 prints progress bars and notes; the tool prints its own summary
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -167,126 +172,6 @@ def load_from_checkpoint(folder: Path, tag: str, client_state: dict[str, Any] | 
     if missing or unexpected:
         raise CheckpointError(f"{folder / tag}: does not fit the recipe's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
-
-
-# ----------------------------------------------------------------------------- sentence-transformers
-
-
-def _template_parts(recipe: Recipe, instruction: str) -> tuple[str, str]:
-    """(prefix, suffix) around the text in recipe.data.query_template for `instruction`."""
-    marker = "\0QUERY\0"
-    full = recipe.data.query_template.format(instruction=instruction, query=marker)
-    prefix, _, suffix = full.partition(marker)
-    return prefix, suffix
-
-
-def sentence_transformers_prompts(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
-    """The prompts of config_sentence_transformers.json and the suffixes the module appends.
-
-    "query" carries the training default instruction (none: ""), "document" is "". For mteb, the
-    instruction dsembed-evaluate uses for each paper task and each task type (+ recipe
-    eval.instructions) is a prompt named by task / type, with "<name>-document" = "", so that
-    `mteb.evaluate(SentenceTransformer(dir))` instructs queries and symmetric texts but not
-    documents, as dsembed's own mteb adapter does.
-
-    Returns:
-        (prompts, prompt text -> suffix for templates with text after {query}).
-    """
-    from dsembed.evaluation.presets import DEFAULT_INSTRUCTIONS, PAPER_TASKS, default_instruction
-    from dsembed.instructions import query_instructions
-
-    # Only names mteb knows: it drops (with a warning) prompt keys that are not registered tasks, so
-    # local tasks fall back to their type's prompt, which is dsembed-evaluate's default for them too.
-    by_name = {_MTEB_TYPES[category]: text for category, text in DEFAULT_INSTRUCTIONS.items()}
-    for category, names in PAPER_TASKS.items():
-        by_name.update({name: default_instruction(name, category) for name in names})
-    by_name.update(recipe.eval.instructions)
-    default = query_instructions(recipe.data).get("default")
-    prompts: dict[str, str] = {"query": "", "document": ""}
-    suffixes: dict[str, str] = {}
-
-    def add(name: str, instruction: str | None) -> None:
-        if not instruction:
-            prompts[name] = ""
-            return
-        prefix, suffix = _template_parts(recipe, instruction)
-        if suffixes.get(prefix, suffix) != suffix:
-            return  # a template with {instruction} after {query}: only the first prompt per prefix is exact
-        prompts[name] = prefix
-        if suffix:
-            suffixes[prefix] = suffix
-
-    add("query", default)
-    for name, text in by_name.items():
-        add(name, text)
-        prompts[f"{name}-document"] = ""
-    return prompts, suffixes
-
-
-def write_sentence_transformers_files(folder: Path, recipe: Recipe) -> None:
-    """modules.json, the module file and its config, config_sentence_transformers.json."""
-    import sentence_transformers
-    import transformers
-
-    from dsembed import st_module
-
-    prompts, suffixes = sentence_transformers_prompts(recipe)
-    shutil.copyfile(st_module.__file__, folder / ST_MODULE_FILE)
-    _write_json(folder / st_module.CONFIG_FILE, {"prompt_suffixes": suffixes})
-    _write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": ST_MODULE_TYPE}])
-    _write_json(folder / "config_sentence_transformers.json", {
-        "__version__": {"sentence_transformers": sentence_transformers.__version__,
-                        "transformers": transformers.__version__, "pytorch": torch.__version__},
-        "model_type": "SentenceTransformer",
-        "prompts": prompts,
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-    })
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def model_card(recipe: Recipe, summary: ExportSummary, prompts: dict[str, str]) -> str:
-    """A short README.md: variant, base model, training data, steps, usage."""
-    m, p = recipe.model, recipe.pooling
-    base = m.name_or_path or f"random init ({(m.random_init or {}).get('model_type', '?')})"
-    name = summary.out_dir.name
-    lora = {"merged": f"LoRA r={recipe.lora.r} merged into the backbone",
-            "adapter": f"LoRA r={recipe.lora.r} kept as a peft adapter (adapter/)", "none": "full backbone"}[summary.lora]
-    query_prompt = json.dumps(prompts["query"])
-    return f"""---
-library_name: sentence-transformers
-tags: [sentence-transformers, feature-extraction, dsembed]
----
-# {name}
-
-A text-embedding model fine-tuned from a decoder LLM with dsembed (arXiv 2409.02727 designs).
-
-| | |
-|---|---|
-| attention | {recipe.attention.mode} |
-| pooling | {p.type} |
-| base model | {base} |
-| training data | {", ".join(recipe.data.train) or "-"} |
-| steps | {summary.step} (micro-batch {recipe.train.micro_batch_size} x accumulation {recipe.train.gradient_accumulation_steps} x {summary.world_size or "?"} ranks) |
-| weights | {lora}; backbone {summary.backbone_parameters:,} parameters, head {summary.head_parameters:,} |
-| embedding | dim {summary.dim}, {"L2-normalised" if m.normalize else "not normalised"}, {"EOS appended" if m.append_eos else "no EOS"}, {m.padding_side} padding, max {m.max_length} tokens |
-
-Query prompt (`prompt_name="query"`): {query_prompt}; documents get none.
-
-```python
-from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("{name}", trust_remote_code=True)  # needs `pip install dsembed`
-q = model.encode(["how do I reset my password"], prompt_name="query")
-d = model.encode(["Open settings and choose 'reset password'."])
-
-from dsembed import EmbeddingModel
-model = EmbeddingModel.load("{name}")
-```
-The resolved training recipe is recipe.yaml.
-"""
 
 
 # ----------------------------------------------------------------------------- the export
@@ -357,7 +242,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, keep_adapter: boo
         say("note: --keep-adapter ignored: the recipe trained without LoRA (lora.enabled: false)")
     try:
         model.save(tmp, merge_lora=not keep_adapter)
-        write_sentence_transformers_files(tmp, recipe)
+        summary.form = write_sentence_transformers_files(tmp, model, keep_adapter and is_peft)
+        summary.backbone_dtype = json.loads((tmp / "dsembed.json").read_text(encoding="utf-8"))["backbone_dtype"]
         prompts = json.loads((tmp / "config_sentence_transformers.json").read_text(encoding="utf-8"))["prompts"]
         (tmp / "README.md").write_text(model_card(recipe, summary, prompts), encoding="utf-8")
         summary.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

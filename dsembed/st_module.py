@@ -1,14 +1,12 @@
-"""The sentence-transformers module of an exported dsembed model (copied into it as `dsembed_st.py`).
+"""The sentence-transformers module of a `--keep-adapter` export (copied into it as `dsembed_st.py`).
 
-`dsembed-consolidate` writes this file into the model folder and names it in modules.json as
-`dsembed_st.DsembedEmbedding`, so that
+Merged exports load without dsembed (sentence-transformers' own modules, or the generated
+`dsembed_model.py`: see dsembed/st_files.py and dsembed/portable.py). An export that keeps LoRA as a
+separate peft adapter is loaded through this module instead, which imports dsembed (and so peft):
 
     SentenceTransformer(MODEL_DIR, trust_remote_code=True).encode(queries, prompt_name="query")
 
-loads the folder offline and embeds exactly as `EmbeddingModel.load(MODEL_DIR).encode(queries,
-instruction=...)`. Design choice: the module imports dsembed (pip-installable) instead of copying its
-heads, attention patch and tokenization into the folder: one implementation, so sentence-transformers
-cannot drift from training. What that requires, and how it is met:
+embeds exactly as `EmbeddingModel.load(MODEL_DIR).encode(queries, instruction=...)`:
 - tokenization is `EmbeddingModel.tokenize` (EOS appended, truncation keeping the EOS, the recipe's
   padding side and max length), called from `preprocess`; a prompt is prepended as sentence-transformers
   does (and `prompt_suffixes[prompt]` appended, for query templates with text after `{query}`);

@@ -151,7 +151,7 @@ class StudyRunner:
         return ["--tasks", *self.study.tasks]
 
     def _evaluate_command(self, target: list[str], name: str, tasks: list[str]) -> list[str]:
-        command = [sys.executable, "-m", "tools.evaluate", *target, *tasks, "--name", name,
+        command = [sys.executable, "-m", "dsembed.cli.evaluate", *target, *tasks, "--name", name,
                    "--output", str(self.out / "results" / f"{name}.json"),
                    "--batch-size", str(self.study.eval_batch_size)]
         return command + self._limit_arguments()
@@ -165,7 +165,7 @@ class StudyRunner:
     def _probe_command(self, tasks: list[str]) -> list[str]:
         """dsembed-probe-layers on the untrained backbone, with the evaluation's tasks and limits."""
         first = next(iter(self.study.variants))
-        return [sys.executable, "-m", "tools.probe_layers", str(_recipe_path(self.study, self.root, first)),
+        return [sys.executable, "-m", "dsembed.cli.probe_layers", str(_recipe_path(self.study, self.root, first)),
                 *[f"--override={o}" for o in _overrides(self.study, first)], *tasks,
                 "--output-dir", str(self.out / "probe"), "--batch-size", str(self.study.eval_batch_size),
                 *self._limit_arguments()]
@@ -198,7 +198,7 @@ class StudyRunner:
                 self._run(f"{prefix}: train", _train_command(study, recipe, overrides))
                 (run_dir / "TRAINED").write_text("ok\n")
             if not (model_dir / "dsembed.json").exists():
-                self._run(f"{prefix}: export", [sys.executable, "-m", "tools.consolidate", str(run_dir), str(model_dir)])
+                self._run(f"{prefix}: export", [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
             if not (out / "results" / f"{name}.json").exists():
                 self._run(f"{prefix}: evaluate", self._evaluate_command([str(model_dir)], name, tasks))
         if study.include_base and not (out / "results" / f"{BASE_NAME}.json").exists():
@@ -207,7 +207,7 @@ class StudyRunner:
             self._run(f"{BASE_NAME}: probe layers", self._probe_command(tasks))
         results = [str(out / "results" / f"{n}.json") for n in ([BASE_NAME] if study.include_base else []) + names]
         baseline = study.baseline or (BASE_NAME if study.include_base else names[0])
-        compare = [sys.executable, "-m", "tools.compare", *results, "--baseline", baseline, "--output", str(out / "report")]
+        compare = [sys.executable, "-m", "dsembed.cli.compare", *results, "--baseline", baseline, "--output", str(out / "report")]
         if study.holm:
             compare.append("--holm")
         if study.include_base and baseline != BASE_NAME:

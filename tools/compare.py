@@ -1,57 +1,5 @@
-"""dsembed-compare: the study report — variants x categories with significance against a baseline.
-
-    dsembed-compare results/model*.json --baseline model1 --output report/ [--holm] [--reference base]
-
-Writes report.md (category table, best in bold, ▲*/▼* = Wilcoxon p < 0.05 vs the baseline; p-value
-table; one answer line per variant and category; per-dataset scores with paired bootstrap 95% intervals), comparison.csv (one row per dataset x
-variant), comparison.json and category_means.png, differences.png, layer_weights.png (when results
-carry learned layer weights). comparison.json:
-  {"baseline", "variants", "references", "alpha", "holm", "n_tests", "n_resamples",
-   "categories": {CAT: {"tasks", "means": {variant: float},
-                        "tests": {variant: {"statistic", "pvalue", "n", "mean_difference",
-                                            "p_holm", "significant"}}}},
-   "datasets": {TASK: {"category", "scores": {variant: float},
-                       "bootstrap": {variant: {"difference", "low", "high", "n_resamples",
-                                               "confidence", "significant"} | {"error"}}}},
-   "layer_weights": {variant: {"layers", "norms"}}}
-A variant's name is the results' model name (dsembed-evaluate --name), else the file name stem.
-"""
-from __future__ import annotations
-
-import argparse
-import sys
-
-from dsembed.errors import run_cli
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dsembed-compare", description=__doc__.split("\n")[0])
-    p.add_argument("results", nargs="+", metavar="RESULTS.json")
-    p.add_argument("--baseline", required=True, metavar="NAME")
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--holm", action="store_true", help="Holm-adjust the Wilcoxon p-values "
-                   "over all variant x category tests (the paper does not)")
-    p.add_argument("--reference", action="append", default=[], metavar="NAME",
-                   help="a variant shown but not tested (no Wilcoxon, not in the Holm family); repeatable")
-    p.add_argument("--alpha", type=float, default=0.05)
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per dataset")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    from dsembed.evaluation.report import compare, load_results, markdown, write_report
-
-    variants = load_results(args.results)
-    comparison = compare(variants, args.baseline, use_holm=args.holm, alpha=args.alpha,
-                         n_resamples=args.resamples, seed=args.seed, references=args.reference)
-    written = write_report(comparison, args.output)
-    print(markdown(comparison))
-    print("written: " + ", ".join(str(w) for w in written))
-    return 0
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(run_cli(main))
-
+"""`dsembed-compare` (thin wrapper: the code is dsembed/cli/compare.py)."""
+from dsembed.cli.compare import cli
 
 if __name__ == "__main__":
     cli()

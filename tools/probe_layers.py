@@ -1,4 +1,4 @@
-"""dsembed-probe-layers (see dsembed/cli/probe_layers.py): per-layer probe of a model or recipe."""
+"""`dsembed-probe-layers` (thin wrapper: the code is dsembed/cli/probe_layers.py)."""
 from dsembed.cli.probe_layers import cli
 
 if __name__ == "__main__":

@@ -1,30 +1,5 @@
-"""`dsembed-study STUDY.yaml [--output-dir DIR]`: train, export, evaluate and compare every recipe
-of a study; run it again to resume after an interruption (finished stages are skipped)."""
-from __future__ import annotations
-
-import argparse
-
-from dsembed.errors import run_cli
-from dsembed.study import StudyRunner, load_study
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsembed-study", description=__doc__)
-    parser.add_argument("study", help="study YAML (see recipes/studies/)")
-    parser.add_argument("--output-dir", help="where runs, models, results and the report go (default: the study's output_dir)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for every variant, after the study's own; repeatable")
-    parser.add_argument("--tasks-dir", metavar="ROOT", help="evaluate on the local tasks in ROOT instead of the study's tasks")
-    args = parser.parse_args(argv)
-    study, root = load_study(args.study, args.override, args.tasks_dir)
-    report = StudyRunner(study, root, args.output_dir).run()
-    print(f"[study {study.name}] report: {report}/report.md", flush=True)
-    return 0
-
-
-def cli() -> None:
-    raise SystemExit(run_cli(main))
-
+"""`dsembed-study` (thin wrapper: the code is dsembed/cli/study.py)."""
+from dsembed.cli.study import cli
 
 if __name__ == "__main__":
     cli()

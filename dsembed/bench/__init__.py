@@ -1,6 +1,6 @@
-"""Benchmarks behind `dsembed-bench` (tools/bench.py): speed and memory against what users would pick instead.
+"""Benchmarks behind `dsembed-bench` (dsembed/cli/bench.py): speed and memory against what users would pick instead.
 
-Modules (level 5, like tools/: nothing in dsembed imports them):
+Modules (level 5, like dsembed/cli/: nothing in dsembed imports them):
     common      machine description, quiet-machine wait, interleaved timing, peak-memory probe,
                 the benchmark models (dsembed and the sentence-transformers equivalent), tables, JSON
     throughput  `train` (training step throughput) and `encode` (inference throughput)

@@ -56,7 +56,7 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
 def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
             alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
             references: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """The comparison record of all variants against `baseline` (schema in tools/compare.py).
+    """The comparison record of all variants against `baseline` (schema in dsembed/cli/compare.py).
 
     Args:
         references: variants shown in the tables (with bootstrap intervals) but not tested: no

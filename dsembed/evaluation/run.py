@@ -218,7 +218,7 @@ def evaluate_tasks(model: TextEncoder, tasks: list[AbsTask], *, model_name: str 
 
     Returns:
         {"format", "model": {"name"}, "mteb_version", "created", "tasks": {name: {...}},
-         "categories": {category: {"mean", "n_tasks", "tasks"}}} (schema in tools/evaluate.py).
+         "categories": {category: {"mean", "n_tasks", "tasks"}}} (schema in dsembed/cli/evaluate.py).
     """
     instructions = resolve_instructions(tasks) if instructions is None else instructions
     encoder = MtebEncoder(model, instructions, name=model_name, batch_size=batch_size,

@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +39,15 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dsembed" / "models"
 
 
-def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None) -> tuple[nn.Module, Any]:
+def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None,
+                  attn_fallback: bool = False) -> tuple[nn.Module, Any]:
     """The base decoder (AutoModel, no LM head) and its tokenizer.
 
     Args:
         model_cfg: the recipe's `model` section.
         base_dir: folder that relative local paths resolve against (the recipe's folder).
+        attn_fallback: where flash-attn is not installed, use sdpa (one printed line) instead of
+            failing: for CPU-side tools (export, evaluation) of GPU-trained runs, never for training.
 
     Returns:
         (model, tokenizer): the model in `model_cfg.dtype` with `model_cfg.attn_implementation`,
@@ -54,9 +58,13 @@ def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None) -> tuple
     """
     from transformers import AutoConfig, AutoModel
 
-    _check_attn(model_cfg.attn_implementation)
+    if attn_fallback:
+        impl = available_attn_implementation(model_cfg.attn_implementation)
+    else:
+        _check_attn(model_cfg.attn_implementation)
+        impl = model_cfg.attn_implementation
     dtype = DTYPES[model_cfg.dtype]
-    kwargs = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
+    kwargs = {"dtype": dtype, "attn_implementation": impl}
     if model_cfg.random_init is not None:
         spec = dict(model_cfg.random_init)
         model_type = spec.pop("model_type", None)
@@ -197,6 +205,24 @@ def _load_tokenizer(model_cfg: ModelConfig, folder: str | None, base_dir: Path |
         tokenizer.pad_token = tokenizer.eos_token  # pads are masked out; any id will do
     tokenizer.padding_side = model_cfg.padding_side
     return tokenizer
+
+
+_FALLBACK_NOTED: list[str] = []  # print the fallback line once per process
+
+
+def available_attn_implementation(impl: str) -> str:
+    """`impl`, or "sdpa" where it is flash_attention_2 and flash-attn is not installed (one printed line).
+
+    flash-attn and sdpa compute the same attention (same masks, same `is_causal`), so a GPU-trained
+    run consolidates, evaluates and probes on a CPU machine with sdpa.
+    """
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        if not _FALLBACK_NOTED:
+            _FALLBACK_NOTED.append(impl)
+            print("note: model.attn_implementation = flash_attention_2 but flash-attn is not installed here: "
+                  "using sdpa (the same attention, computed without flash-attn)", file=sys.stderr, flush=True)
+        return "sdpa"
+    return impl
 
 
 def _check_attn(impl: str) -> None:

@@ -1,12 +1,19 @@
 """EmbeddingModel = decoder backbone (+ LoRA) + pooling head (+ L2 normalisation); build, encode, save, load.
 
-Saved folder:
+Saved folder (the root is a plain transformers model folder, so `AutoModel.from_pretrained(folder)`
+and sentence-transformers' own Transformer module load the backbone without dsembed):
     recipe.yaml         the resolved recipe the model was built from
-    dsembed.json        format version, pooling type, dim, base model, tapped layers, LoRA state
-    backbone/           transformers save_pretrained (LoRA merged in, unless merge_lora=False)
+    dsembed.json        format version, pooling type, dim, base model, tapped layers, LoRA state, backbone dtype
+    config.json, model*.safetensors   transformers save_pretrained of the backbone (LoRA merged in,
+                        unless merge_lora=False); config.is_causal records the attention mode
+    tokenizer files     the tokenizer (at the root too)
     adapter/            peft adapter, only when saved with merge_lora=False
     pooler.safetensors  the head's parameters (absent tensors for parameter-free heads)
-    tokenizer/          the tokenizer
+Folders written before this layout (backbone/ and tokenizer/ subfolders) still load.
+
+Merging LoRA into bf16 / fp16 weights would round the delta away (a delta below a weight's bf16
+resolution, ~0.4% of its magnitude, vanishes): a merged low-precision backbone is written in
+float32 instead (`merged_dtype`), so the export computes what the live engine computes.
 
 Shapes: B batch, T tokens, D hidden size.
 """
@@ -28,7 +35,7 @@ from torch import nn
 from dsembed.config import MultiLayerAttentionPooling, Recipe, recipe_from_dict, resolve_layers
 from dsembed.errors import CheckpointError, RecipeError
 from dsembed.modeling.attention import set_attention_mode
-from dsembed.modeling.backbone import DTYPES, load_backbone, num_decoder_layers, unwrap
+from dsembed.modeling.backbone import DTYPES, available_attn_implementation, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
 from dsembed.modeling.pooling import Pooler, build_pooler
 from dsembed.tokenization import pad_id, pad_token_ids, token_ids, tokenize_texts
@@ -176,7 +183,8 @@ class EmbeddingModel(nn.Module):
         Args:
             directory: created if needed.
             merge_lora: fold LoRA into the backbone weights (out of place: this model keeps training
-                unchanged); False writes the base weights and the adapter separately.
+                unchanged; bf16 / fp16 backbones are merged and written in float32); False writes the
+                base weights and the adapter separately.
 
         Returns:
             The folder.
@@ -188,16 +196,20 @@ class EmbeddingModel(nn.Module):
         base = unwrap(self.backbone)
         is_peft = hasattr(self.backbone, "peft_config")
         lora_state = "none"
+        saved_dtype = base.dtype
         if is_peft:
             lora_state = "merged" if merge_lora else "adapter"
-            base.save_pretrained(out / "backbone", state_dict=_plain_state_dict(base, merge=merge_lora))
+            saved_dtype = merged_dtype(base.dtype) if merge_lora else base.dtype
+            state = _plain_state_dict(base, merge=merge_lora, dtype=saved_dtype)
+            base.save_pretrained(out, state_dict=state)
+            _set_config_dtype(out / "config.json", saved_dtype)  # from_pretrained's dtype="auto" reads it
             if not merge_lora:
                 self.backbone.save_pretrained(out / "adapter")
         else:
-            base.save_pretrained(out / "backbone")
+            base.save_pretrained(out)
         pooler_state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
         save_file(pooler_state, str(out / "pooler.safetensors"), metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -209,6 +221,7 @@ class EmbeddingModel(nn.Module):
             "normalize": self.recipe.model.normalize,
             "base_model": self.recipe.model.name_or_path or "random_init",
             "lora": lora_state,
+            "backbone_dtype": _DTYPE_NAMES[saved_dtype],
         }
         (out / "dsembed.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return out
@@ -223,8 +236,6 @@ class EmbeddingModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        from dsembed.modeling.backbone import _check_attn
-
         src = Path(directory)
         meta_path = src / "dsembed.json"
         if not meta_path.is_file():
@@ -232,23 +243,22 @@ class EmbeddingModel(nn.Module):
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION} (re-export with this dsembed)")
-        for part in ("recipe.yaml", "backbone", "tokenizer", "pooler.safetensors"):
-            if not (src / part).exists():
-                raise CheckpointError(f"{src}: {part} is missing (the folder is incomplete; save it again)")
+        nested = (src / "backbone").is_dir()  # the layout before the root became a transformers folder
+        backbone_dir, tokenizer_dir = (src / "backbone", src / "tokenizer") if nested else (src, src)
+        for part in (src / "recipe.yaml", backbone_dir / "config.json", tokenizer_dir, src / "pooler.safetensors"):
+            if not part.exists():
+                raise CheckpointError(f"{src}: {part.relative_to(src)} is missing (the folder is incomplete; save it again)")
         recipe = recipe_from_dict(yaml.safe_load((src / "recipe.yaml").read_text(encoding="utf-8")), str(src / "recipe.yaml"))
-        impl = recipe.model.attn_implementation
-        try:
-            _check_attn(impl)
-        except RecipeError:
-            impl = "sdpa"  # a model trained with flash-attn still loads where it is not installed
-        backbone = AutoModel.from_pretrained(src / "backbone", dtype=DTYPES[recipe.model.dtype], attn_implementation=impl)
+        impl = available_attn_implementation(recipe.model.attn_implementation)
+        dtype = DTYPES.get(meta.get("backbone_dtype", ""), DTYPES[recipe.model.dtype])
+        backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
         if (src / "adapter").is_dir():
             from peft import PeftModel
             with _quiet_peft():
                 backbone = PeftModel.from_pretrained(backbone, src / "adapter")
         set_attention_mode(backbone, recipe.attention.mode)
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         hidden, depth = int(unwrap(backbone).config.hidden_size), num_decoder_layers(backbone)
         pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
         state = load_file(str(src / "pooler.safetensors"))
@@ -260,10 +270,32 @@ class EmbeddingModel(nn.Module):
         return model.eval()
 
 
-def _plain_state_dict(base: nn.Module, merge: bool) -> dict[str, torch.Tensor]:
+def merged_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a LoRA-merged backbone is written in: float32 unless it already is float32 / float64.
+
+    Merged into bf16 weights, a LoRA delta below a weight's bf16 resolution (2^-8 of its magnitude)
+    vanishes and larger ones are quantised: measured on a bf16 run the rounded export drifts from
+    the live engine (README, "Exact export of bf16 runs"); in float32 it does not.
+    """
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    # save_pretrained records the live parameters' dtype, not the state dict's
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = _DTYPE_NAMES[dtype]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _plain_state_dict(base: nn.Module, merge: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The backbone's state dict under its original key names, LoRA weights removed (merged in if `merge`).
 
     Out of place: peft's `get_delta_weight` gives each adapter's delta; the live model is untouched.
+    With `dtype` every tensor is cast to it and each delta is added in that dtype (float32 keeps a
+    small delta that bf16 would round away).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -271,7 +303,7 @@ def _plain_state_dict(base: nn.Module, merge: bool) -> dict[str, torch.Tensor]:
     for key, tensor in base.state_dict().items():
         if any(part.startswith("lora_") for part in key.split(".")):
             continue
-        state[key.replace(".base_layer.", ".")] = tensor
+        state[key.replace(".base_layer.", ".")] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
     if merge:
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
@@ -310,7 +342,7 @@ def _apply_lora(backbone: nn.Module, recipe: Recipe) -> nn.Module:
                           f"(name linear layers of the backbone, e.g. q_proj, v_proj)") from None
 
 
-def build_model(recipe: Recipe, base_dir: Path | None = None) -> EmbeddingModel:
+def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: bool = False) -> EmbeddingModel:
     """Backbone, attention mode, gradient checkpointing, LoRA and pooling head, as the recipe says.
 
     Safe to call under a live transformers HfDeepSpeedConfig (ZeRO-3): the backbone is loaded
@@ -320,6 +352,7 @@ def build_model(recipe: Recipe, base_dir: Path | None = None) -> EmbeddingModel:
     Args:
         recipe: the resolved recipe.
         base_dir: folder relative model paths resolve against (default: the recipe's folder).
+        attn_fallback: sdpa where flash-attn is not installed (CPU-side tools; see load_backbone).
 
     Returns:
         The model in train mode (as transformers leaves a freshly loaded model).
@@ -330,7 +363,7 @@ def build_model(recipe: Recipe, base_dir: Path | None = None) -> EmbeddingModel:
     where = recipe.source or "<recipe>"
     if base_dir is None and recipe.source:
         base_dir = Path(recipe.source).parent
-    backbone, tokenizer = load_backbone(recipe.model, base_dir)
+    backbone, tokenizer = load_backbone(recipe.model, base_dir, attn_fallback=attn_fallback)
     set_attention_mode(backbone, recipe.attention.mode)
     depth = num_decoder_layers(backbone)
     if isinstance(recipe.pooling, MultiLayerAttentionPooling):

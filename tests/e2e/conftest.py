@@ -24,7 +24,7 @@ def study_env(tmp: Path) -> dict[str, str]:
 def tiny_study(tmp_path_factory):
     """(output dir, completed process) of `dsembed-study recipes/studies/tiny-cpu.yaml` run once."""
     out = tmp_path_factory.mktemp("tiny-study") / "out"
-    proc = subprocess.run([sys.executable, "-m", "tools.study", str(TINY_STUDY), "--output-dir", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "dsembed.cli.study", str(TINY_STUDY), "--output-dir", str(out)],
                           cwd=REPO, env=study_env(out.parent), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc

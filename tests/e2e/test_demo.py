@@ -52,7 +52,7 @@ def test_missing_package_is_one_line_naming_install_sh(monkeypatch):
 
 def test_demo_command_resumes_a_finished_study_and_prints_the_table(tiny_study):
     out, _ = tiny_study
-    proc = subprocess.run([sys.executable, "-m", "tools.demo", "--study", str(TINY_STUDY), "--output-dir", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "dsembed.cli.demo", "--study", str(TINY_STUDY), "--output-dir", str(out)],
                           cwd=REPO, env=study_env(out.parent), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trained already") == 5

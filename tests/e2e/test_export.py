@@ -3,8 +3,10 @@
 One torchrun launch trains every variant for 2 steps (tests/e2e/train_variants.py); the trainer's
 DSEMBED_DUMP_EMBEDDINGS hook embeds a probe list with the LIVE engine (ZeRO-3 partitioned weights)
 after the last step. The exports must give the same embeddings through `EmbeddingModel.load` and
-`SentenceTransformer(dir, trust_remote_code=True)` (queries with prompt_name="query"), mteb must
-evaluate the folder directly, and damaged checkpoints must be refused in one line with exit 2.
+`SentenceTransformer(dir, trust_remote_code=True)` (queries with prompt_name="query"), also in a
+process where dsembed cannot be imported (tests/no_dsembed.py), mteb must evaluate the folder
+directly (and dsembed-evaluate writes the scores into its card), a run whose recipe asks for
+flash-attn must export without it, and damaged checkpoints must be refused in one line with exit 2.
 """
 from __future__ import annotations
 
@@ -35,11 +37,16 @@ VARIANTS = {  # ZeRO-2 first: see train_variants.py
     "model3": ["attention.mode=causal"],  # the tiny recipe's multi_layer_attention head
     "model4": [LATENT],  # bidirectional is the tiny recipe's mode
     "model5": [],
+    # bf16 at the paper's lr: each LoRA delta is far below the bf16 resolution of its weight
+    "model1-bf16": ["pooling={type: last_token}", "attention.mode=causal", "model.dtype=bfloat16", "optim.lr=1.0e-5"],
 }
 EXPECTED = {"model1-zero2": ("causal", "last_token"), "model1": ("causal", "last_token"),
             "model2": ("causal", "latent_attention"), "model3": ("causal", "multi_layer_attention"),
-            "model4": ("bidirectional", "latent_attention"), "model5": ("bidirectional", "multi_layer_attention")}
+            "model4": ("bidirectional", "latent_attention"), "model5": ("bidirectional", "multi_layer_attention"),
+            "model1-bf16": ("causal", "last_token")}
 COSINE = 0.99999
+# the live bf16 engine computes in bf16, the float32 export does not: they agree up to bf16 arithmetic noise
+COSINE_BF16 = 0.999
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,7 +59,7 @@ def _consolidate(*args: str) -> tuple[int, str, str]:
     import io
 
     from dsembed.errors import run_cli
-    from tools.consolidate import main
+    from dsembed.cli.consolidate import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -97,25 +104,28 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
     from dsembed import EmbeddingModel
 
     folder = exported[name]
+    attention, pooling = EXPECTED[name]
     live = np.load(runs / name / "dump" / "embeddings.npz")
     model = EmbeddingModel.load(folder)
     docs = model.encode(PROBE["texts"])
     queries = model.encode(PROBE["queries"], instruction=INSTRUCTION)
-    assert _cosines(docs, live["documents"]).min() >= COSINE
-    assert _cosines(queries, live["queries"]).min() >= COSINE
+    cosine = COSINE_BF16 if name.endswith("bf16") else COSINE
+    assert _cosines(docs, live["documents"]).min() >= cosine
+    assert _cosines(queries, live["queries"]).min() >= cosine
     assert not np.allclose(queries, model.encode(PROBE["queries"]))  # the instruction matters
 
     st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     assert st.prompts["query"] == f"Instruct: {INSTRUCTION}\nQuery: " and st.prompts["document"] == ""
-    assert st.default_prompt_name is None and len(st) == 1  # no Pooling / Normalize module after ours
+    plain = pooling == "last_token"  # sentence-transformers' own modules; trainable heads: dsembed_model.py
+    expected = ["Transformer", "Pooling", "Normalize"] if plain else ["PortableEmbedding", "Normalize"]
+    assert st.default_prompt_name is None and [type(m).__name__ for m in st] == expected
     st_queries = st.encode(PROBE["queries"], prompt_name="query", batch_size=2)
     st_docs = st.encode(PROBE["texts"], batch_size=2)  # other batching and padding than encode's
-    assert _cosines(st_queries, live["queries"]).min() >= COSINE
-    assert _cosines(st_docs, live["documents"]).min() >= COSINE
+    assert _cosines(st_queries, live["queries"]).min() >= cosine
+    assert _cosines(st_docs, live["documents"]).min() >= cosine
     np.testing.assert_allclose(np.linalg.norm(st_docs, axis=1), 1.0, atol=1e-5)  # normalised once
 
     meta = json.loads((folder / "dsembed.json").read_text())
-    attention, pooling = EXPECTED[name]
     assert (meta["attention"], meta["pooling"], meta["lora"]) == (attention, pooling, "merged")
     card = (folder / "README.md").read_text()
     assert f"| attention | {attention} |" in card and f"| pooling | {pooling} |" in card and "| steps | 2 " in card
@@ -133,6 +143,87 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
             assert logged.step == 2 and norm == pytest.approx(logged.value, rel=1e-5)
 
 
+def test_exports_load_without_dsembed(runs: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+    """All five designs and the ZeRO-2 run, in ONE process where `import dsembed` fails."""
+    from tests.unit.test_portable import run_without_dsembed
+
+    got = run_without_dsembed(exported, tmp_path, PROBE["texts"], PROBE["queries"])
+    for name in VARIANTS:
+        live = np.load(runs / name / "dump" / "embeddings.npz")
+        bound = COSINE_BF16 if name.endswith("bf16") else COSINE
+        assert _cosines(got[name]["documents"], live["documents"]).min() >= bound, name
+        assert _cosines(got[name]["queries"], live["queries"]).min() >= bound, name
+        # a plain AutoModel.from_pretrained of the folder attends as the design says
+        assert bool(got[name]["bidirectional"]) == (EXPECTED[name][0] == "bidirectional"), name
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_bf16_run_keeps_its_lora_delta(runs: Path, exported: dict[str, Path]) -> None:
+    """A tiny bf16 run at lr 1e-5: merged in bf16 its delta would vanish; the float32 export keeps it."""
+    import copy
+
+    import torch
+
+    from dsembed import EmbeddingModel
+    from dsembed.export import load_from_checkpoint, resolve_checkpoint
+    from dsembed.modeling.backbone import unwrap
+    from dsembed.modeling.model import _plain_state_dict
+
+    folder = exported["model1-bf16"]
+    assert json.loads((folder / "dsembed.json").read_text())["backbone_dtype"] == "float32"
+    live_model = load_from_checkpoint(*resolve_checkpoint(runs / "model1-bf16" / "run"))  # bf16, LoRA unmerged
+    base = unwrap(live_model.backbone)
+    rounded = _plain_state_dict(base, merge=True)  # what the export did before: merged in bf16
+    unmerged = _plain_state_dict(base, merge=False)
+    exported_model = EmbeddingModel.load(folder)
+    weights = exported_model.backbone.state_dict()
+    moved = lost = 0
+    for key, weight in weights.items():
+        if key.endswith("proj.weight"):
+            changed = weight != unmerged[key].float()  # the float32 export kept the delta here
+            moved += int(changed.sum())
+            lost += int((rounded[key][changed] == unmerged[key][changed]).sum())
+    assert moved > 0 and lost / moved > 0.5  # the bf16 merge would drop most of it
+    # the export computes the live model's own weights in float32; the live bf16 engine adds bf16 noise
+    live32 = copy.deepcopy(live_model).float().encode(PROBE["texts"])
+    np.testing.assert_allclose(exported_model.encode(PROBE["texts"]), live32, atol=1e-4)
+    live = np.load(runs / "model1-bf16" / "dump" / "embeddings.npz")
+    assert _cosines(exported_model.encode(PROBE["texts"]), live["documents"]).min() >= COSINE_BF16
+    assert torch.isfinite(torch.from_numpy(live32)).all()
+
+
+def test_flash_attention_run_exports_on_a_machine_without_flash_attn(runs: Path, tmp_path: Path) -> None:
+    """A GPU run's checkpoint (recipe: flash_attention_2) consolidates on CPU with sdpa, one printed line."""
+    import importlib.util
+    import shutil
+
+    import torch
+    import yaml
+
+    from dsembed import EmbeddingModel
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: nothing to fall back from")
+    from dsembed.modeling import backbone
+
+    run = tmp_path / "gpu-run"
+    shutil.copytree(runs / "model1" / "run" / "checkpoints" / "step-2", run / "checkpoints" / "step-2")
+    (run / "checkpoints" / "latest").write_text("step-2")
+    for shard in (run / "checkpoints" / "step-2").glob("*model_states.pt"):  # as the GPU run would have saved it
+        state = torch.load(shard, map_location="cpu", weights_only=False)
+        recipe = yaml.safe_load(state["recipe"])
+        recipe["model"]["attn_implementation"] = "flash_attention_2"
+        state["recipe"] = yaml.safe_dump(recipe)
+        torch.save(state, shard)
+    backbone._FALLBACK_NOTED.clear()
+    code, _, err = _consolidate(str(run), str(tmp_path / "out"))
+    assert code == 0, err
+    assert err.count("flash-attn is not installed") == 1 and "using sdpa" in err
+    live = np.load(runs / "model1" / "dump" / "embeddings.npz")
+    docs = EmbeddingModel.load(tmp_path / "out").encode(PROBE["texts"])
+    assert _cosines(docs, live["documents"]).min() >= COSINE
+
+
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_keep_adapter_round_trip(runs: Path, exported: dict[str, Path]) -> None:
     from peft import PeftModel
@@ -145,7 +236,7 @@ def test_keep_adapter_round_trip(runs: Path, exported: dict[str, Path]) -> None:
     assert code == 0 and "adapter parameters:" in stdout
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "dsembed.json").read_text())["lora"] == "adapter"
-    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(out / "backbone"), out / "adapter")
+    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(out), out / "adapter")
     assert any("lora_A" in n for n, _ in peft.named_parameters())
     live = np.load(runs / "model5" / "dump" / "embeddings.npz")
     kept = EmbeddingModel.load(out)
@@ -181,6 +272,25 @@ def test_mteb_evaluates_the_exported_folder(runs: Path, exported: dict[str, Path
     # the STS type prompt gives mteb the instruction dsembed-evaluate uses: the same score
     assert score == pytest.approx(ours["main_score"], abs=1e-6)
 
+    # dsembed-evaluate on the folder puts the score into its model card (hub model-index + table)
+    import contextlib
+    import io
+
+    import yaml
+
+    from dsembed.cli.evaluate import main as evaluate_main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert evaluate_main([str(folder), "--tasks-dir", str(tmp_path / "tasks"), "--no-progress",
+                              "--output", str(tmp_path / "r.json")]) == 0
+    card = (folder / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    entry = meta["model-index"][0]["results"][0]
+    assert entry["dataset"]["type"] == "TinySTS" and entry["task"]["type"] == "STS"
+    assert entry["metrics"][0] == {"type": "cos_sim_spearman", "value": round(100 * ours["main_score"], 2)}
+    assert f"| TinySTS | sts | cosine_spearman | {100 * ours['main_score']:.2f} |" in card
+    assert card.count("## Evaluation") == 1 and "trust_remote_code=True" in card  # the portable module's usage
+
 
 def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Path) -> None:
     import shutil
@@ -189,7 +299,7 @@ def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Pat
     # no `latest`: a one-line error from the real console entry point, exit 2, no traceback
     bare = tmp_path / "bare"
     shutil.copytree(src / "checkpoints" / "step-2", bare / "checkpoints" / "step-2")
-    run = subprocess.run([sys.executable, "-m", "tools.consolidate", str(bare), str(tmp_path / "out1")],
+    run = subprocess.run([sys.executable, "-m", "dsembed.cli.consolidate", str(bare), str(tmp_path / "out1")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "latest" in run.stderr
@@ -200,7 +310,7 @@ def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Pat
     shutil.copytree(src, trunc)
     shard = next((trunc / "checkpoints" / "step-2").glob("zero_pp_rank_1_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    run = subprocess.run([sys.executable, "-m", "tools.consolidate", str(trunc), str(tmp_path / "out2")],
+    run = subprocess.run([sys.executable, "-m", "dsembed.cli.consolidate", str(trunc), str(tmp_path / "out2")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "truncated" in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob("out2.tmp-*"))
@@ -244,4 +354,13 @@ def test_prompts_for_a_template_with_text_after_the_query(tiny_recipe) -> None:
     module = DsembedEmbedding(model, suffixes)
     got = module.preprocess(["abc", "de"], prompt=prompts["query"])
     want = model.tokenize([model.format_query(t, "find it") for t in ("abc", "de")])
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
+    # the portable module (used for such templates even with a mean head) appends the suffix too
+    from dsembed.portable import PortableEmbedding
+    from dsembed.st_files import head_config
+
+    m = recipe.model
+    portable = PortableEmbedding(model.backbone, model.tokenizer, model.pooler, head_config(model), m.max_length,
+                                 m.padding_side, m.append_eos, suffixes)
+    got = portable.preprocess(["abc", "de"], prompt=prompts["query"])
     assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])

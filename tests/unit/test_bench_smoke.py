@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("sentence_transformers")
 
-from tools.bench import main  # noqa: E402
+from dsembed.cli.bench import main  # noqa: E402
 
 COMMON = ["--threads", "1"]
 

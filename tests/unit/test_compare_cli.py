@@ -12,7 +12,7 @@ import numpy as np
 
 from dsembed.evaluation.run import category_means
 from dsembed.evaluation.statistics import item_score
-from tools.compare import main
+from dsembed.cli.compare import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_compare_holm_adjusts_category_p_values(tmp_path):
 def test_compare_unknown_baseline_is_one_line_exit_2(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(_fake_results("x", 0.5, 0)))
-    done = subprocess.run([sys.executable, "-m", "tools.compare", str(path), str(path), "--baseline", "nope",
+    done = subprocess.run([sys.executable, "-m", "dsembed.cli.compare", str(path), str(path), "--baseline", "nope",
                            "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ))
     assert done.returncode == 2

@@ -127,7 +127,7 @@ def test_bad_local_file_names_file_and_line(tmp_path):
 
 
 def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.evaluate", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "dsembed.cli.evaluate", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env={**os.environ, **env})
 
 

@@ -42,7 +42,8 @@ def test_save_load_round_trip(tiny_recipe, tmp_path, lora, merge):
     assert meta["pooling"] == "multi_layer_attention" and meta["dim"] == 32 and meta["tapped_layers"] == [1, 2]
     assert meta["lora"] == ("none" if not lora else "merged" if merge else "adapter")
     assert (folder / "adapter").is_dir() == (lora and not merge)
-    assert (folder / "pooler.safetensors").is_file() and (folder / "tokenizer").is_dir() and (folder / "recipe.yaml").is_file()
+    assert (folder / "pooler.safetensors").is_file() and (folder / "tokenizer_config.json").is_file() and (folder / "recipe.yaml").is_file()
+    assert (folder / "config.json").is_file() and not (folder / "backbone").exists()  # the root is a transformers folder
     if lora:  # saving merged is out of place: the live model still has its adapter, still trainable
         assert hasattr(model.backbone, "peft_config") and any("lora_A" in n for n, _ in model.backbone_parameters_named())
     loaded = EmbeddingModel.load(folder)

@@ -57,7 +57,7 @@ def test_bad_study_files(tmp_path, text, message):
 
 def test_study_cli_bad_file_is_one_line(tmp_path):
     path = write(tmp_path, "name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\nlauncher: mpirun\n")
-    result = subprocess.run([sys.executable, "-m", "tools.study", str(path)], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, "-m", "dsembed.cli.study", str(path)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and str(path) in result.stderr
@@ -88,6 +88,6 @@ def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(t
     assert evaluate[evaluate.index("--limit") + 1] == str(study.eval_limit)
     assert f"SciFact={study.eval_limits['SciFact']}" in evaluate
     probe = runner._probe_command(["--tasks-dir", "T"])
-    assert probe[2] == "tools.probe_layers" and probe[3].endswith("paper/smollm2-135m/model1.yaml")
+    assert probe[2] == "dsembed.cli.probe_layers" and probe[3].endswith("paper/smollm2-135m/model1.yaml")
     assert "--override=data.train=[x.jsonl]" in probe and probe[probe.index("--output-dir") + 1] == str(tmp_path / "out" / "probe")
     assert f"NFCorpus={study.eval_limits['NFCorpus']}" in probe
