@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from dsembed.config import Recipe, recipe_from_dict
+from dsembed.instructions import format_query
 from dsembed.errors import CheckpointError, UserError
 
 ST_MODULE_FILE = "dsembed_st.py"
@@ -175,7 +176,7 @@ def load_from_checkpoint(folder: Path, tag: str, client_state: dict[str, Any] | 
 def _template_parts(recipe: Recipe, instruction: str) -> tuple[str, str]:
     """(prefix, suffix) around the text in recipe.data.query_template for `instruction`."""
     marker = "\0QUERY\0"
-    full = recipe.data.query_template.format(instruction=instruction, query=marker)
+    full = format_query(recipe.data.query_template, instruction, marker)
     prefix, _, suffix = full.partition(marker)
     return prefix, suffix
 

@@ -7,7 +7,25 @@ A recipe's own `data.instructions` entries override the preset, key by key.
 """
 from __future__ import annotations
 
+import re
+
 from dsembed.config import DataConfig
+
+_PLACEHOLDER = re.compile(r"\{(instruction|query)\}")
+
+
+def format_query(template: str, instruction: str | None, query: str) -> str:
+    """`template` (data.query_template) with {instruction} and {query} filled in; the raw query
+    when there is no instruction. The one place a query template is filled: training, `encode`
+    and the sentence-transformers prompts all call it, so they agree.
+
+    Substitution is a single pass over the template, so braces inside the instruction or the query,
+    and any other braces in the template, are kept literally.
+    """
+    if not instruction:
+        return query
+    values = {"instruction": instruction, "query": query}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 WEB_SEARCH = "Given a web search query, retrieve relevant passages that answer the query"
 
