@@ -32,7 +32,8 @@ def test_paper_studies_cover_the_five_designs():
 
 
 def write(tmp_path, text):
-    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 4}\n  tokenizer: bytes\n")
+    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 4}\n  tokenizer: bytes\n"
+                                     "data:\n  train: ['synthetic:8']\n")
     path = tmp_path / "s.yaml"
     path.write_text(text)
     return path
