@@ -179,7 +179,7 @@ class TrainConfig:
     global_batch_size: int | None = None  # if set, must equal micro x accumulation x world size
     cache_chunk_size: int | None = None
     save_steps: int = 500
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # newest checkpoints kept (plus the best evaluated one, see eval.every_steps)
     resume: Literal["auto", "never"] = "auto"
     overwrite: bool = False
     seed: int = 42

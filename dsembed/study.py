@@ -228,8 +228,9 @@ class StudyRunner:
         """
         stale: dict[str, list[str]] = {}
         for label, entry in stages.items():
-            if entry.get("partial") is not None and entry["partial"] != entry["fingerprint"]:
-                stale[label] = [f"begun with other settings: {c}" for c in _changes(entry["partial"], entry["fingerprint"])]
+            begun = _changes(entry["partial"], entry["fingerprint"]) if entry.get("partial") is not None else []
+            if begun:
+                stale[label] = [f"begun with other settings: {c}" for c in begun]
             elif entry["output"].exists():
                 found = ledger.stale(label, entry["fingerprint"])
                 if found is not None:

@@ -14,7 +14,8 @@ Fingerprints:
   package's version, a hub id by the recipe's `model.revision`;
 - export: its variant's train fingerprint;
 - evaluate: the model's fingerprint (export, or for `base` the recipe's) and the evaluation arguments.
-A stage finished before fingerprints were recorded (no entry) is taken as current.
+A stage finished before fingerprints were recorded (no entry) is taken as current, and recipe keys
+that only one side knows (added or removed by a dsembed upgrade) are not compared.
 """
 from __future__ import annotations
 
@@ -77,14 +78,17 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a == b:
             continue
         if key == "recipe":
+            # keys on one side only come from a dsembed version that added or removed them, not
+            # from the study: compare the keys both sides know
             a, b = a or {}, b or {}
-            out += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{k} {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
         elif key == "model":
             out.append("the input model")
         elif key == "base" and isinstance(a, dict) and isinstance(b, dict):
             out += changes(a, b)
         elif key == "train":
-            out.append("its training stage changed")
+            if not (isinstance(a, dict) and isinstance(b, dict)) or changes(a, b):
+                out.append("its training stage changed")
         else:
             out.append(f"the {key} settings")
     return out
@@ -102,9 +106,9 @@ class StageLedger:
     def stale(self, label: str, fingerprint: dict[str, Any]) -> list[str] | None:
         """None when the recorded fingerprint matches (or none was recorded); else what changed."""
         recorded = self.entries.get(label)
-        if recorded is None or recorded == _plain(fingerprint):
+        if recorded is None:
             return None
-        return changes(recorded, _plain(fingerprint)) or ["its inputs"]
+        return changes(recorded, _plain(fingerprint)) or None
 
     def record(self, label: str, fingerprint: dict[str, Any]) -> None:
         """Store a finished stage's fingerprint."""
