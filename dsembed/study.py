@@ -266,9 +266,9 @@ class StudyRunner:
             (out / sub).mkdir(parents=True, exist_ok=True)
         names = list(study.variants)
 
-        def stage(key: str, label: str, command: list[str]) -> None:
+        def stage(key: str, label: str, done: str, command: list[str]) -> None:
             if stages[key]["output"].exists():
-                print(f"[study {study.name}] {label}: done already", flush=True)
+                print(f"[study {study.name}] {done}", flush=True)
             else:
                 self._run(label, command)
             ledger.record(key, stages[key]["fingerprint"])
@@ -284,14 +284,16 @@ class StudyRunner:
                 self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root))
                 (run_dir / "TRAINED").write_text("ok\n")
             ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
-            stage(f"export {name}", f"{prefix}: export",
+            stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
                   [sys.executable, "-m", "tools.consolidate", str(run_dir), str(model_dir)])
-            stage(f"evaluate {name}", f"{prefix}: evaluate", self._evaluate_command([str(model_dir)], name, tasks))
+            stage(f"evaluate {name}", f"{prefix}: evaluate", f"{prefix}: evaluated already",
+                  self._evaluate_command([str(model_dir)], name, tasks))
         if study.include_base:
             first = names[0]
             base_overrides = [f"--override={o}" for o in _overrides(study, first)]
             target = ["--base", str(_recipe_path(study, self.root, first)), *base_overrides]
-            stage(f"evaluate {BASE_NAME}", f"{BASE_NAME}: evaluate", self._evaluate_command(target, BASE_NAME, tasks))
+            stage(f"evaluate {BASE_NAME}", f"{BASE_NAME}: evaluate", f"{BASE_NAME}: evaluated already",
+                  self._evaluate_command(target, BASE_NAME, tasks))
         results = [str(out / "results" / f"{n}.json") for n in ([BASE_NAME] if study.include_base else []) + names]
         baseline = study.baseline or (BASE_NAME if study.include_base else names[0])
         compare = [sys.executable, "-m", "tools.compare", *results, "--baseline", baseline, "--output", str(out / "report")]
