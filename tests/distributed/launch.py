@@ -65,3 +65,17 @@ def launch_nodes(overrides: list[str], nnodes: int = 2, recipe: Path = TINY, tim
         stdout, stderr = proc.communicate(timeout=timeout)
         done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     return done
+
+
+def write_sts_task(root: Path, name: str = "TinySTS", pairs: int = 16) -> Path:
+    """A small local STS task, root/sts/<name>/test.jsonl (sentence pairs with 0..5 scores)."""
+    words = ["red", "blue", "green", "cat", "dog", "house", "river", "stone", "light", "music", "paper", "cloud"]
+    rows = []
+    for i in range(pairs):
+        a = " ".join(words[(i + k) % len(words)] for k in range(4))
+        b = " ".join(words[(i + k * (1 + i % 3)) % len(words)] for k in range(4))
+        rows.append({"sentence1": a, "sentence2": b, "score": float(5 - i % 6)})
+    folder = root / "sts" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root

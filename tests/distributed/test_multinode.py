@@ -3,7 +3,10 @@
 Global ranks 0 and 1 live on different nodes, each with LOCAL_RANK 0 (its node-local device), so
 every rank / local_rank / is_main use is exercised as on a real cluster: only global rank 0 writes
 the shared files. The run stops at step 2, resumes as two nodes to step 4, and its weights and
-losses equal a one-node 2-rank run's. A run directory the nodes do not share is refused (exit 2).
+losses equal a one-node 2-rank run's. The two-node runs also evaluate during training
+(eval.every_steps, collective across the nodes): the equality shows that evaluating does not
+change training (dropout is on, so the random streams must be left as they were). A run directory
+the nodes do not share is refused (exit 2).
 """
 from __future__ import annotations
 
@@ -11,24 +14,26 @@ from pathlib import Path
 
 from dsembed.engine import fp32_state_dict
 
-from launch import check, launch, launch_nodes, metrics
+from launch import check, launch, launch_nodes, metrics, write_sts_task
 
 COMMON = ["train.max_steps=4", "train.save_steps=2", "lora.dropout=0.1"]
 
 
 def test_two_nodes_train_resume_and_match_one_node(tmp_path: Path) -> None:
     one, two = tmp_path / "one-node", tmp_path / "two-nodes"
-    check(launch([f"train.output_dir={one}", *COMMON]))
-    for node in launch_nodes([f"train.output_dir={two}", *COMMON, "train.stop_after=2"]):
+    watch = ["eval.every_steps=2", f"eval.tasks_dir={write_sts_task(tmp_path / 'tasks')}", "eval.batch_size=8"]
+    check(launch([f"train.output_dir={one}", *COMMON], timeout=600))
+    for node in launch_nodes([f"train.output_dir={two}", *COMMON, *watch, "train.stop_after=2"], timeout=600):
         check(node)
     assert (two / "checkpoints" / "latest").read_text().strip() == "step-2"
     assert sorted(p.name for p in (two / "checkpoints" / "step-2").glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
-    resumed = launch_nodes([f"train.output_dir={two}", *COMMON])
+    resumed = launch_nodes([f"train.output_dir={two}", *COMMON, *watch], timeout=600)
     for node in resumed:
         check(node)
     assert "resumed from" in resumed[0].stderr and "resumed from" not in resumed[1].stderr  # rank 0 speaks
 
     assert [r["step"] for r in metrics(two)] == list(range(1, 5))
+    assert [r["step"] for r in metrics(two) if "eval/TinySTS" in r] == [2, 4]
     for a, b in zip(metrics(one), metrics(two)):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-5, (a["step"], a["train/loss"], b["train/loss"])
     expected = fp32_state_dict(one / "checkpoints", "step-4")
@@ -43,7 +48,7 @@ def test_run_dir_not_shared_between_nodes_is_refused(tmp_path: Path) -> None:
     disks = [tmp_path / "node0", tmp_path / "node1"]
     for disk in disks:
         disk.mkdir()
-    nodes = launch_nodes(["train.output_dir=run", "train.max_steps=2"], cwds=disks)  # relative: one per "disk"
+    nodes = launch_nodes(["train.output_dir=run", "train.max_steps=2"], cwds=disks, timeout=600)  # relative: one per "disk"
     for rank, node in enumerate(nodes):
         errors = [line for line in node.stderr.splitlines() if line.startswith("error:")]
         assert node.returncode != 0 and len(errors) == 1, node.stderr[-3000:]
