@@ -8,9 +8,9 @@ checkpoint out of `train.save_total_limit`'s pruning. Off by default (`eval.ever
 nothing here is imported and training pays nothing.
 
 Under ZeRO-3 every rank holds a slice of the weights, so every rank runs the same evaluation (the
-forwards gather parameters collectively) and only rank 0 logs. The evaluation must not change
-training: mteb seeds the global random generators, so their states are saved before and restored
-after, and a run with evaluation trains exactly as one without.
+forwards gather parameters collectively) and only rank 0 logs. mteb seeds the global random
+generators, so their states are saved before and restored after: training's dropout streams go on
+as if no evaluation had run.
 """
 from __future__ import annotations
 
