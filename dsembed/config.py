@@ -185,7 +185,7 @@ class TrainConfig:
     global_batch_size: int | None = None  # if set, must equal micro x accumulation x world size
     cache_chunk_size: int | None = None
     save_steps: int = 500
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # newest checkpoints kept (plus the best evaluated one, see eval.every_steps)
     resume: Literal["auto", "never"] = "auto"
     overwrite: bool = False
     seed: int = 42
@@ -212,10 +212,19 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """Tasks `dsembed-evaluate` uses by default and, with `every_steps`, scores during training.
+
+    `every_steps`: score the live model every N optimizer steps (and at train.max_steps), log
+    `eval/<task>` and `eval/mean` to TensorBoard and metrics.jsonl, record the best step in
+    best.json and keep its checkpoint from pruning. None: off (nothing is loaded).
+    """
+
     tasks: list[str] = field(default_factory=list)  # presets or MTEB task names
     tasks_dir: str | None = None  # local tasks in <root>/<type>/<Name> layout
     batch_size: int = 32
     instructions: dict[str, str] = field(default_factory=dict)  # per task name, overrides defaults
+    every_steps: int | None = None
+    limit: int | None = None  # during training: about N test items per task (as dsembed-evaluate --limit)
 
 
 @dataclass(frozen=True)
@@ -382,8 +391,25 @@ def validate(recipe: Recipe, world_size: int | None = None, num_layers: int | No
         raise RecipeError(f"{where}: train.cache_chunk_size = {t.cache_chunk_size} must be within 1..train.micro_batch_size ({t.micro_batch_size})")
     if recipe.loss.temperature <= 0:
         raise RecipeError(f"{where}: loss.temperature must be positive")
-    if recipe.optim.lr <= 0:
-        raise RecipeError(f"{where}: optim.lr must be positive")
+    o = recipe.optim
+    if o.lr <= 0 or (o.head_lr is not None and o.head_lr <= 0):
+        key = "optim.lr" if o.lr <= 0 else "optim.head_lr"
+        raise RecipeError(f"{where}: {key} must be positive")
+    non_negative = {"optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+                    "optim.max_grad_norm": o.max_grad_norm}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise RecipeError(f"{where}: {key} = {value} must not be negative (0 turns it off)")
+    e = recipe.eval
+    if e.every_steps is not None:
+        if e.every_steps < 1:
+            raise RecipeError(f"{where}: eval.every_steps = {e.every_steps} must be at least 1 (or null: no evaluation during training)")
+        if not e.tasks and e.tasks_dir is None:
+            raise RecipeError(f"{where}: eval.every_steps needs eval.tasks (mteb names) or eval.tasks_dir (local tasks)")
+    if e.limit is not None and e.limit < 2:
+        raise RecipeError(f"{where}: eval.limit = {e.limit} must be at least 2 (or null: every test item)")
+    if e.batch_size < 1:
+        raise RecipeError(f"{where}: eval.batch_size = {e.batch_size} must be at least 1")
     if len(recipe.optim.betas) != 2:
         raise RecipeError(f"{where}: optim.betas should be two numbers, e.g. [0.9, 0.999]")
     if recipe.deepspeed.offload and recipe.deepspeed.zero_stage != 3:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -27,7 +26,7 @@ import torch
 
 from dsembed.config import Recipe
 from dsembed.errors import DataError
-from dsembed.instructions import instruction_for, query_instructions
+from dsembed.instructions import format_query, has_instruction, instruction_for, query_instructions
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +242,25 @@ def fill_negatives(examples: list[Example], num_negatives: int, seed: int) -> No
                     "(add rows with distinct positives or lower data.num_negatives)")
 
 
+def check_data_files(recipe: Recipe) -> None:
+    """Fail fast on a `data.train` that is empty or names a local file that does not exist.
+
+    Cheap (no file is read), so `--dry-run` and a study check it before anything runs.
+
+    Raises:
+        DataError: naming the recipe and the missing file.
+    """
+    where = recipe.source or "<recipe>"
+    if not recipe.data.train:
+        raise DataError(f"{where}: data.train is empty (list {_ENTRY_KINDS})")
+    for entry in recipe.data.train:
+        if entry.startswith(("hf:", "demo:", "synthetic:")):
+            continue
+        path = recipe.resolve_path(entry)
+        if not path.is_file():
+            raise DataError(f"{where}: data.train: {path}: data file not found (data.train entries are {_ENTRY_KINDS})")
+
+
 def load_examples(recipe: Recipe) -> LoadedExamples:
     """Read every `data.train` entry, check the rows and fill negatives.
 
@@ -257,8 +275,7 @@ def load_examples(recipe: Recipe) -> LoadedExamples:
         DataError: an unreadable entry, a malformed row (unless skip_malformed), or no rows at all.
     """
     cfg = recipe.data
-    if not cfg.train:
-        raise DataError(f"{recipe.source or '<recipe>'}: data.train is empty (list {_ENTRY_KINDS})")
+    check_data_files(recipe)
     collector = _Collector(cfg.skip_malformed, cfg.max_rows)
     for entry in cfg.train:
         if collector.full:
@@ -271,8 +288,6 @@ def load_examples(recipe: Recipe) -> LoadedExamples:
             label, rows = entry, _synthetic(entry)
         else:
             path = recipe.resolve_path(entry)
-            if not path.is_file():
-                raise DataError(f"{path}: data file not found (data.train entries are {_ENTRY_KINDS})")
             label, rows = str(path), _jsonl_rows(path)
         collector.add_rows(label, rows)
     if collector.skipped:
@@ -288,33 +303,6 @@ def load_examples(recipe: Recipe) -> LoadedExamples:
 
 
 # ----------------------------------------------------------------------------- instructions
-
-
-_PLACEHOLDER = re.compile(r"\{(instruction|query)\}")
-
-
-def format_query(template: str, instruction: str | None, query: str) -> str:
-    """`template` with {instruction} and {query} filled in; the raw query when no instruction.
-
-    Substitution is a single pass, so braces inside the texts are kept literally.
-    """
-    if not instruction:
-        return query
-    values = {"instruction": instruction, "query": query}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def has_instruction(template: str, query: str) -> bool:
-    """Whether `query` is already `template` filled in (e.g. "Instruct: ...\nQuery: ...").
-
-    Mixtures such as the paper's `yixuantt/ir_data` may ship queries with their E5 instruction in
-    place; the template's literal parts must then all be there, in order, around a non-empty
-    instruction.
-    """
-    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, literal
-    pattern = "".join(re.escape(p) if i % 2 == 0 else ("(.+?)" if p == "instruction" else "(.*)")
-                      for i, p in enumerate(parts))
-    return re.fullmatch(pattern, query, flags=re.DOTALL) is not None
 
 
 def query_text(example: Example, recipe: Recipe) -> str:

@@ -9,7 +9,11 @@ the engine initialised (gloo on CPU, nccl on GPUs).
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import uuid
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,6 +55,39 @@ def barrier() -> None:
     """Wait for every rank; a no-op when torch.distributed is not initialised."""
     if _initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def ranks_not_sharing(folder: Path) -> list[str]:
+    """The ranks that cannot see a file global rank 0 writes into `folder` (collective).
+
+    Rank 0 creates `folder` if needed and writes a probe file named by a random token; every rank
+    looks for it. On one machine the list is always empty; across nodes it names the ranks (and
+    hosts) whose `folder` is not the same shared directory. A folder created only for the probe is
+    removed again when some rank cannot see it, so a refused run leaves nothing behind.
+
+    Returns:
+        "rank R on HOST" for each rank that cannot see the probe; [] when not distributed.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return []
+    token = [uuid.uuid4().hex if rank() == 0 else None]  # not the seeded generators: training stays reproducible
+    dist.broadcast_object_list(token, src=0)
+    probe = Path(folder) / f".shared-check-{token[0]}"
+    created = False
+    if rank() == 0:
+        created = not Path(folder).exists()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0], encoding="utf-8")
+    dist.barrier()
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (rank(), socket.gethostname(), probe.is_file()))
+    blind = [f"rank {r} on {host}" for r, host, ok in seen if not ok]
+    dist.barrier()  # every rank has looked before the probe goes
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+        if blind and created:
+            shutil.rmtree(folder, ignore_errors=True)
+    return blind
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

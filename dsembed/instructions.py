@@ -7,7 +7,25 @@ A recipe's own `data.instructions` entries override the preset, key by key.
 """
 from __future__ import annotations
 
+import re
+
 from dsembed.config import DataConfig
+
+_PLACEHOLDER = re.compile(r"\{(instruction|query)\}")
+
+
+def format_query(template: str, instruction: str | None, query: str) -> str:
+    """`template` (data.query_template) with {instruction} and {query} filled in; the raw query
+    when there is no instruction. The one place a query template is filled: training, `encode`
+    and the sentence-transformers prompts all call it, so they agree.
+
+    Substitution is a single pass over the template, so braces inside the instruction or the query,
+    and any other braces in the template, are kept literally.
+    """
+    if not instruction:
+        return query
+    values = {"instruction": instruction, "query": query}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 WEB_SEARCH = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -41,6 +59,19 @@ E5_INSTRUCTIONS: dict[str, str] = {
 }
 
 PRESETS: dict[str, dict[str, str]] = {"e5": E5_INSTRUCTIONS}
+
+
+def has_instruction(template: str, query: str) -> bool:
+    """Whether `query` is already `template` filled in (e.g. "Instruct: ...\nQuery: ...").
+
+    Mixtures such as the paper's `yixuantt/ir_data` may ship queries with their E5 instruction in
+    place; the template's literal parts must then all be there, in order, around a non-empty
+    instruction.
+    """
+    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, literal
+    pattern = "".join(re.escape(p) if i % 2 == 0 else ("(.+?)" if p == "instruction" else "(.*)")
+                      for i, p in enumerate(parts))
+    return re.fullmatch(pattern, query, flags=re.DOTALL) is not None
 
 
 def query_instructions(data: DataConfig) -> dict[str, str]:

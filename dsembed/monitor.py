@@ -5,6 +5,7 @@ TensorBoard files go to <output_dir>/tensorboard (`tensorboard --logdir <output_
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,6 +21,39 @@ _HEATMAP_ROW_PIXELS = 4
 
 def _to_float(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def drop_events_after(log_dir: str | Path, step: int) -> int:
+    """Rewrite the TensorBoard event files under `log_dir` without the events of steps after `step`.
+
+    A run killed after its last checkpoint logged steps that the resumed run logs again; without
+    this, TensorBoard (and any reader of the event files) would hold those steps twice. Each file is
+    rewritten to a temporary name and os.replace'd, so a kill during the rewrite loses nothing.
+
+    Returns:
+        The number of events dropped.
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    dropped = 0
+    for leftover in Path(log_dir).glob(".rewrite-*"):  # a rewrite killed before its os.replace
+        leftover.unlink()
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [raw for raw in records if Event.FromString(raw).step <= step]
+        if len(kept) == len(records):
+            continue
+        dropped += len(records) - len(kept)
+        partial = path.with_name(f".rewrite-{os.getpid()}")  # TensorBoard reads any name holding "tfevents"
+        with open(partial, "wb") as handle:
+            writer = RecordWriter(handle)
+            for raw in kept:
+                writer.write(raw)
+            writer.flush()
+        os.replace(partial, path)
+    return dropped
 
 
 class Monitor:

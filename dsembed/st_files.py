@@ -40,7 +40,7 @@ def _type_name(cls: type) -> str:
 def _template_parts(recipe: Recipe, instruction: str) -> tuple[str, str]:
     """(prefix, suffix) around the text in recipe.data.query_template for `instruction`."""
     marker = "\0QUERY\0"
-    full = recipe.data.query_template.format(instruction=instruction, query=marker)
+    full = format_query(recipe.data.query_template, instruction, marker)
     prefix, _, suffix = full.partition(marker)
     return prefix, suffix
 

@@ -9,22 +9,30 @@ stages are recognised by what they leave behind.
     <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder)
     <output_dir>/results/<name>.json    evaluation results, `base` for the untrained backbone
     <output_dir>/report/                comparison table, CSV/JSON, plots
+    <output_dir>/stages.json            what each finished stage was made from (dsembed.study_stages)
+
+A finished stage whose inputs changed since (recipe, overrides, input model, evaluation settings) is
+not reused: the runner names it and stops with exit code 2, or redoes it with `rerun_stale`.
+Several nodes: `launcher: deepspeed` with `nnodes` and a `hostfile` (DeepSpeed's launcher starts
+every node from this one, over ssh/pdsh); runs and models must be on a shared filesystem.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dsembed.config import load_recipe, validate
 from dsembed.errors import RecipeError, UserError
 from dsembed.strict import from_dict, read_yaml_mapping
+from dsembed.study_stages import StageLedger, changes as _changes, recipe_fingerprint
 
 BASE_NAME = "base"
 
@@ -44,7 +52,10 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
     variant_overrides: dict[str, list[str]] = field(default_factory=dict)
     launcher: Literal["python", "torchrun", "deepspeed"] = "python"
-    nproc: int = 1
+    nproc: int = 1  # processes per node
+    nnodes: int = 1  # nodes (launcher deepspeed with a hostfile when more than 1)
+    hostfile: str | None = None  # DeepSpeed hostfile ("host slots=N" lines), relative to the study file
+    launcher_args: list[str] = field(default_factory=list)  # appended to the launcher's own, e.g. [--master_port, "29600"]
     baseline: str | None = None  # None: the first variant
     include_base: bool = True  # evaluate the untrained backbone of the first variant as "base"
     tasks: list[str] = field(default_factory=list)
@@ -56,12 +67,13 @@ class StudyConfig:
     holm: bool = False
 
 
-def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
                tasks_dir: str | None = None) -> tuple[StudyConfig, Path]:
-    """Read and check a study file; recipes are loaded and validated up front.
+    """Read and check a study file; recipes are loaded and validated up front, data files checked.
 
     Args:
         path: the study YAML.
+        launch: study keys given on the command line (nnodes, hostfile, launcher_args), which win.
         overrides: recipe `key=value` overrides for every variant, after the study's own (the
             command line's --override: e.g. local training data instead of a hub dataset).
         tasks_dir: local tasks to evaluate on instead of the study's tasks (relative to the
@@ -71,10 +83,16 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         The study and the folder that relative paths resolve against.
 
     Raises:
-        RecipeError: schema errors, unknown variant names, missing or invalid recipes.
+        RecipeError: schema errors, unknown variant names, missing or invalid recipes, a launcher
+            that cannot start the nodes asked for.
+        DataError: a recipe's data file does not exist.
     """
+    from dsembed.data import check_data_files
+
     path = Path(path)
-    study = from_dict(StudyConfig, read_yaml_mapping(path, "study"), "", str(path))
+    data = read_yaml_mapping(path, "study")
+    data.update({k: v for k, v in (launch or {}).items() if v not in (None, [])})
+    study = from_dict(StudyConfig, data, "", str(path))
     if overrides:
         study = dataclasses.replace(study, overrides=[*study.overrides, *overrides])
     if tasks_dir is not None:
@@ -86,6 +104,18 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise RecipeError(f"{where}: nproc = {study.nproc} must be at least 1")
     if study.launcher == "python" and study.nproc != 1:
         raise RecipeError(f"{where}: launcher python runs one process; use launcher: torchrun for nproc {study.nproc}")
+    if study.nnodes < 1:
+        raise RecipeError(f"{where}: nnodes = {study.nnodes} must be at least 1")
+    if study.nnodes > 1 and study.launcher != "deepspeed":
+        raise RecipeError(f"{where}: nnodes = {study.nnodes} needs launcher: deepspeed with a hostfile ({study.launcher} "
+                          "starts processes on this node only; DeepSpeed's launcher starts every node)")
+    if study.hostfile is not None:
+        if study.launcher != "deepspeed":
+            raise RecipeError(f"{where}: hostfile is read by launcher: deepspeed only (launcher is {study.launcher})")
+        if not _hostfile(study, path.resolve().parent).is_file():
+            raise RecipeError(f"{where}: hostfile {study.hostfile} not found (one 'hostname slots=N' line per node)")
+    elif study.nnodes > 1:
+        raise RecipeError(f"{where}: nnodes = {study.nnodes} needs a hostfile naming the nodes ('hostname slots=N' lines)")
     unknown = set(study.variant_overrides) - set(study.variants)
     if unknown:
         raise RecipeError(f"{where}: variant_overrides names {sorted(unknown)} that are not in variants")
@@ -98,8 +128,15 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise RecipeError(f"{where}: give tasks (presets or MTEB names) or tasks_dir")
     root = path.resolve().parent
     for name in study.variants:
-        validate(load_recipe(_recipe_path(study, root, name), _overrides(study, name)), world_size=study.nproc)
+        recipe = load_recipe(_recipe_path(study, root, name), _overrides(study, name))
+        validate(recipe, world_size=study.nproc * study.nnodes)
+        check_data_files(recipe)
     return study, root
+
+
+def _hostfile(study: StudyConfig, root: Path) -> Path:
+    path = Path(study.hostfile)
+    return path if path.is_absolute() else root / path
 
 
 def _recipe_path(study: StudyConfig, root: Path, name: str) -> Path:
@@ -111,11 +148,15 @@ def _overrides(study: StudyConfig, name: str) -> list[str]:
     return list(study.overrides) + list(study.variant_overrides.get(name, []))
 
 
-def _train_command(study: StudyConfig, recipe: Path, overrides: list[str]) -> list[str]:
+def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root: Path = Path(".")) -> list[str]:
     if study.launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(study.nproc), "-m", "dsembed.train"]
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(study.nproc),
+                *study.launcher_args, "-m", "dsembed.train"]
     elif study.launcher == "deepspeed":
-        head = ["deepspeed", "--num_gpus", str(study.nproc), "--no_local_rank", "--module", "dsembed.train"]
+        nodes = ["--num_nodes", str(study.nnodes)] if study.nnodes > 1 else []
+        hostfile = ["--hostfile", str(_hostfile(study, root))] if study.hostfile is not None else []
+        head = ["deepspeed", *hostfile, *nodes, "--num_gpus", str(study.nproc), *study.launcher_args,
+                "--no_local_rank", "--module", "dsembed.train"]
     else:
         head = [sys.executable, "-m", "dsembed.train"]
     return head + [str(recipe), *overrides]
@@ -124,17 +165,18 @@ def _train_command(study: StudyConfig, recipe: Path, overrides: list[str]) -> li
 class StudyRunner:
     """Runs the stages of one study in order, skipping what is already done."""
 
-    def __init__(self, study: StudyConfig, root: Path, out: Path | None = None) -> None:
+    def __init__(self, study: StudyConfig, root: Path, out: Path | None = None, rerun_stale: bool = False) -> None:
         self.study = study
         self.root = root
         out_dir = Path(out or study.output_dir)
         self.out = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
+        self.rerun_stale = rerun_stale
 
     def _run(self, label: str, command: list[str]) -> None:
         print(f"[study {self.study.name}] {label}: {shlex.join(command)}", flush=True)
         start = time.perf_counter()
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.study.nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.study.nproc)))  # per node
         result = subprocess.run(command, env=env)
         if result.returncode != 0:
             raise UserError(f"study {self.study.name}: {label} failed (exit {result.returncode}); fix the cause above and run the study again to resume")
@@ -176,6 +218,73 @@ class StudyRunner:
         return ["--base", str(_recipe_path(self.study, self.root, first)),
                 *[f"--override={o}" for o in _overrides(self.study, first)]]
 
+    def _stages(self) -> dict[str, dict[str, Any]]:
+        """Every stage: its output (present when finished), the fingerprint of its inputs, and
+        `partial` (a training run begun with other settings, not finished)."""
+        study, out = self.study, self.out
+        # as the study file says (not resolved paths): a moved output folder stays current
+        evaluation = {"tasks": study.tasks, "tasks_dir": study.tasks_dir, "batch_size": study.eval_batch_size,
+                      "limit": study.eval_limit, "limits": study.eval_limits}
+        stages: dict[str, dict[str, Any]] = {}
+        for name in study.variants:
+            run_dir = out / "runs" / name
+            recipe = load_recipe(_recipe_path(study, self.root, name), _overrides(study, name))
+            trained = recipe_fingerprint(recipe)
+            partial = None
+            if not (run_dir / "TRAINED").exists() and (run_dir / "recipe.yaml").is_file():
+                begun = recipe_fingerprint(load_recipe(run_dir / "recipe.yaml"))
+                partial = {**begun, "model": trained["model"]}  # what a resume would mix with
+            stages[f"train {name}"] = {"output": run_dir / "TRAINED", "fingerprint": trained, "partial": partial,
+                                       "remove": [run_dir]}
+            stages[f"export {name}"] = {"output": out / "models" / name / "dsembed.json",
+                                        "fingerprint": {"train": trained}, "remove": [out / "models" / name]}
+            stages[f"evaluate {name}"] = {"output": out / "results" / f"{name}.json",
+                                          "fingerprint": {"train": trained, "evaluation": evaluation},
+                                          "remove": [out / "results" / f"{name}.json"]}
+        if study.include_base:
+            first = next(iter(study.variants))
+            base = recipe_fingerprint(load_recipe(_recipe_path(study, self.root, first), _overrides(study, first)))
+            stages[f"evaluate {BASE_NAME}"] = {"output": out / "results" / f"{BASE_NAME}.json",
+                                               "fingerprint": {"base": base, "evaluation": evaluation},
+                                               "remove": [out / "results" / f"{BASE_NAME}.json"]}
+        if study.probe_base:
+            stages[f"probe {BASE_NAME}"] = {"output": out / "probe" / "layers.json",
+                                            "fingerprint": {"base": base, "evaluation": evaluation},
+                                            "remove": [out / "probe"]}
+        return stages
+
+    def _check_stale(self, stages: dict[str, dict[str, Any]], ledger: StageLedger) -> None:
+        """Stop (exit 2) naming the finished stages whose inputs changed, or with rerun_stale
+        delete their outputs so that they run again.
+
+        Raises:
+            UserError: a stale stage and no rerun_stale.
+        """
+        stale: dict[str, list[str]] = {}
+        for label, entry in stages.items():
+            begun = _changes(entry["partial"], entry["fingerprint"]) if entry.get("partial") is not None else []
+            if begun:
+                stale[label] = [f"begun with other settings: {c}" for c in begun]
+            elif entry["output"].exists():
+                found = ledger.stale(label, entry["fingerprint"])
+                if found is not None:
+                    stale[label] = found
+        if not stale:
+            return
+        if not self.rerun_stale:
+            named = "; ".join(f"{label} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+                              for label, found in stale.items())
+            raise UserError(f"study {self.study.name}: {len(stale)} finished stage(s) in {self.out} no longer match "
+                            f"the study: {named}; run again with --rerun-stale to redo them, or restore the old settings")
+        for label in stale:
+            print(f"[study {self.study.name}] {label}: stale, running it again ({', '.join(stale[label][:3])})", flush=True)
+            for path in stages[label]["remove"]:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            ledger.forget(label)
+
     def run(self) -> Path:
         """Train, export and evaluate every variant, evaluate the base, write the report.
 
@@ -183,10 +292,21 @@ class StudyRunner:
             The report folder.
         """
         study, out = self.study, self.out
+        stages = self._stages()
+        ledger = StageLedger(out)
+        self._check_stale(stages, ledger)  # before anything is written
+        tasks = self.tasks_arguments()
         for sub in ("runs", "models", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        tasks = self.tasks_arguments()
         names = list(study.variants)
+
+        def stage(key: str, label: str, done: str, command: list[str]) -> None:
+            if stages[key]["output"].exists():
+                print(f"[study {study.name}] {done}", flush=True)
+            else:
+                self._run(label, command)
+            ledger.record(key, stages[key]["fingerprint"])
+
         for i, name in enumerate(names, 1):
             recipe = _recipe_path(study, self.root, name)
             run_dir, model_dir = out / "runs" / name, out / "models" / name
@@ -195,16 +315,19 @@ class StudyRunner:
             if (run_dir / "TRAINED").exists():
                 print(f"[study {study.name}] {prefix}: trained already", flush=True)
             else:
-                self._run(f"{prefix}: train", _train_command(study, recipe, overrides))
+                self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root))
                 (run_dir / "TRAINED").write_text("ok\n")
-            if not (model_dir / "dsembed.json").exists():
-                self._run(f"{prefix}: export", [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
-            if not (out / "results" / f"{name}.json").exists():
-                self._run(f"{prefix}: evaluate", self._evaluate_command([str(model_dir)], name, tasks))
-        if study.include_base and not (out / "results" / f"{BASE_NAME}.json").exists():
-            self._run(f"{BASE_NAME}: evaluate", self._evaluate_command(self._base_target(), BASE_NAME, tasks))
-        if study.probe_base and not (out / "probe" / "layers.json").exists():
-            self._run(f"{BASE_NAME}: probe layers", self._probe_command(tasks))
+            ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
+            stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
+                  [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
+            stage(f"evaluate {name}", f"{prefix}: evaluate", f"{prefix}: evaluated already",
+                  self._evaluate_command([str(model_dir)], name, tasks))
+        if study.include_base:
+            stage(f"evaluate {BASE_NAME}", f"{BASE_NAME}: evaluate", f"{BASE_NAME}: evaluated already",
+                  self._evaluate_command(self._base_target(), BASE_NAME, tasks))
+        if study.probe_base:
+            stage(f"probe {BASE_NAME}", f"{BASE_NAME}: probe layers", f"{BASE_NAME}: probed already",
+                  self._probe_command(tasks))
         results = [str(out / "results" / f"{n}.json") for n in ([BASE_NAME] if study.include_base else []) + names]
         baseline = study.baseline or (BASE_NAME if study.include_base else names[0])
         compare = [sys.executable, "-m", "dsembed.cli.compare", *results, "--baseline", baseline, "--output", str(out / "report")]

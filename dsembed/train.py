@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from dsembed.config import Recipe, load_recipe, validate
-from dsembed.errors import run_cli
+from dsembed.errors import RecipeError, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and head size, exit")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: check the batch arithmetic for N ranks (e.g. 8 GPUs) on a machine without them")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -46,9 +48,15 @@ def _backbone_shape(recipe: Recipe) -> tuple[int, int] | None:
 
 
 def dry_run(recipe: Recipe) -> None:
-    """Print the resolved recipe and the pooling head's parameter count (meta device, no weights)."""
+    """Check the data files, print the resolved recipe and the pooling head's parameter count (meta device, no weights).
+
+    Raises:
+        DataError: a `data.train` file that does not exist.
+    """
+    from dsembed.data import check_data_files
     from dsembed.modeling.pooling import count_head_parameters
 
+    check_data_files(recipe)
     print(recipe.to_yaml(), end="")
     shape = _backbone_shape(recipe)
     if shape is None:
@@ -71,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before torch is imported: schema errors in ~0.2 s
     from dsembed.distributed import world_size
 
-    validate(recipe, world_size=world_size())
+    if args.world_size is not None and (not args.dry_run or args.world_size < 1):
+        raise RecipeError(f"--world-size {args.world_size}: give a positive number of ranks, together with --dry-run "
+                          "(a real run takes its world size from the launcher)")
+    validate(recipe, world_size=args.world_size or world_size())
     if args.dry_run:
         dry_run(recipe)
         return 0

@@ -30,7 +30,6 @@ import random
 import re
 import resource
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -42,50 +41,9 @@ from dsembed import distributed as dist
 from dsembed.config import Recipe
 from dsembed.errors import CheckpointError, RecipeError, TrainingError, UserError
 from dsembed.gradcache import BatchStats, cached_backward, plain_backward
+from dsembed.testhooks import TestHooks
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Test hook: a folder to which the reduced full gradients of every step are written before step().
-DUMP_GRADS_ENV = "DSEMBED_DUMP_GRADS"
-# Test hook: a folder holding probe.json {"texts": [...], "queries": [...], "instruction": str|null};
-# after the last step the live engine embeds them and rank 0 writes embeddings.npz there.
-DUMP_EMBEDDINGS_ENV = "DSEMBED_DUMP_EMBEDDINGS"
-# Test hook: "<point>@<step>[:<rank>]" makes the process SIGKILL itself at a point of optimizer step
-# <step> (every rank, or only <rank>), to hit windows an outside kill cannot aim at. Points:
-#   step          after the optimizer step, before metrics and the checkpoint
-#   save-shards   inside save(): this rank's shards and RNG file written, not yet renamed
-#   save-renamed  inside save(): tmp-step-N renamed to step-N, `latest` not yet updated
-#   save-latest   inside save(): `latest` updated, old checkpoints not yet pruned
-CRASH_AT_ENV = "DSEMBED_CRASH_AT"
-# Test hook: "loss@<step>[:<rank>]" makes that step's loss NaN before its backward; "grad@<step>[:<rank>]"
-# keeps the loss finite but makes its gradients NaN (the non-finite checks must catch both).
-INJECT_NAN_ENV = "DSEMBED_INJECT_NAN"
-
-
-def _hook_matches(env: str, kind: str, step: int) -> bool:
-    """Whether test hook `env` ("<kind>@<step>[:<rank>]") fires for `kind` at `step` on this rank."""
-    value = os.environ.get(env)
-    if not value:
-        return False
-    name, _, where = value.partition("@")
-    at, _, only_rank = where.partition(":")
-    return name == kind and int(at) == step and (not only_rank or int(only_rank) == dist.rank())
-
-
-def _crash_point(kind: str, step: int) -> None:
-    if _hook_matches(CRASH_AT_ENV, kind, step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _NaNGrad(torch.autograd.Function):
-    """Identity forward, NaN backward (INJECT_NAN_ENV grad@N)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad * float("nan")
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -130,7 +88,21 @@ def check_run_dir(recipe: Recipe) -> str | None:
     return latest_tag(folder) if checkpoints else None
 
 
+def _check_shared_run_dir(recipe: Recipe) -> None:
+    """Every rank must see what global rank 0 writes (checkpoint renames, `latest`, recipe.yaml):
+    across nodes, train.output_dir must be on a shared filesystem. Without one, each node would
+    write its shards to its own disk and `latest` would name checkpoints no disk holds complete, so
+    the run is refused (on every rank) before anything is written. Collective."""
+    out = Path(recipe.train.output_dir)
+    blind = dist.ranks_not_sharing(out)
+    if blind:
+        raise UserError(f"{recipe.source or '<recipe>'}: train.output_dir {out} is not shared between the nodes "
+                        f"({', '.join(blind)} cannot see the files rank 0 writes there); put it on a filesystem "
+                        "every node mounts at the same path (NFS, Lustre, ...), see README 'Multi-node training'")
+
+
 def _prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
+    _check_shared_run_dir(recipe)
     out = Path(recipe.train.output_dir)
     if dist.is_main():
         if fresh:  # overwrite, or a previous attempt that never checkpointed: its logs would mix in
@@ -146,17 +118,51 @@ def _prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
     dist.barrier()
 
 
+def steps_to_prune(steps: list[int], keep_last: int, best: int | None = None) -> list[int]:
+    """Checkpoint steps beyond the newest `keep_last`, except `best` (the best evaluated step)."""
+    return [s for s in sorted(steps)[:-keep_last] if s != best]
+
+
+def _periodic_eval(recipe: Recipe) -> Any:
+    """The recipe's evaluation during training (None when off); task errors name the recipe."""
+    if recipe.eval.every_steps is None:
+        return None
+    from dsembed.periodic_eval import PeriodicEval
+
+    try:
+        return PeriodicEval(recipe)
+    except UserError as err:
+        raise type(err)(f"{recipe.source or '<recipe>'}: eval: {err}") from None
+
+
+def _drop_logs_after(out: Path, step: int) -> None:
+    """A run killed after its last checkpoint logged steps the resumed run logs again: forget them
+    in metrics.jsonl and TensorBoard, so each step is recorded once."""
+    from dsembed.monitor import drop_events_after
+
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        partial = out / "metrics.jsonl.tmp"
+        partial.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        os.replace(partial, metrics)
+    if (out / "tensorboard").is_dir():
+        drop_events_after(out / "tensorboard", step)
+
+
 # ----------------------------------------------------------------------------- RNG
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """The python, numpy, torch (and CUDA) generator states of this process."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -193,6 +199,7 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.order = ContrastiveOrder(len(self.examples), train.seed, train.gradient_accumulation_steps)
         self.order.batches_per_epoch(self.world, train.micro_batch_size)  # DataError now, not at step 1
+        self.evaluator = _periodic_eval(recipe)  # None unless eval.every_steps: tasks load before any write
         seed_everything(train.seed)  # identical initial weights on every rank
         try:
             self.engine = Engine.create(recipe, lambda: build_model(recipe, base_dir))
@@ -218,12 +225,11 @@ class Trainer:
         self.step = int(state["step"])
         rng = folder / tag / f"rng_rank{self.rank}.pt"
         if rng.is_file():
-            _set_rng_states(torch.load(rng, weights_only=False))
-        metrics = Path(self.recipe.train.output_dir) / "metrics.jsonl"
-        if dist.is_main() and metrics.is_file():  # drop rows logged after the checkpoint (a crash)
-            rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+            set_rng_states(torch.load(rng, weights_only=False))
+        if dist.is_main():
+            _drop_logs_after(Path(self.recipe.train.output_dir), self.step)
+        if self.evaluator is not None:
+            self.evaluator.resume(Path(self.recipe.train.output_dir), self.step)
 
     def save(self) -> None:
         """Atomic checkpoint of the current step (collective: every rank calls it)."""
@@ -235,24 +241,25 @@ class Trainer:
         client_state = {"step": step, "data_position": {"step": step, "accum_index": 0},
                         "world_size": self.world, "recipe": self.recipe.to_yaml()}
         self.engine.save_checkpoint(folder, tmp.name, client_state)
-        torch.save(_rng_states(), tmp / f"rng_rank{self.rank}.pt")
-        _crash_point("save-shards", step)
+        torch.save(rng_states(), tmp / f"rng_rank{self.rank}.pt")
+        TestHooks.crash("save-shards", step)
         dist.barrier()  # every rank's shards are on disk
         if dist.is_main():
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
-            _crash_point("save-renamed", step)
+            TestHooks.crash("save-renamed", step)
             pointer = folder / "latest.tmp"
             pointer.write_text(final.name, encoding="utf-8")
             os.replace(pointer, folder / "latest")
-            _crash_point("save-latest", step)
+            TestHooks.crash("save-latest", step)
             self._prune(folder)
         dist.barrier()
 
     def _prune(self, folder: Path) -> None:
-        steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
-        for _, path in steps[:-self.recipe.train.save_total_limit]:
-            shutil.rmtree(path, ignore_errors=True)
+        steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
+        best = self.evaluator.best_step if self.evaluator is not None else None
+        for step in steps_to_prune(steps, self.recipe.train.save_total_limit, best):
+            shutil.rmtree(folder / f"step-{step}", ignore_errors=True)
 
     # -- one optimizer step -----------------------------------------------------------------------
 
@@ -270,10 +277,7 @@ class Trainer:
     def _guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Stop before a non-finite loss is backpropagated (collective: every rank decides alike)."""
         step = self.step + 1
-        if _hook_matches(INJECT_NAN_ENV, "loss", step):
-            loss = loss * float("nan")
-        elif _hook_matches(INJECT_NAN_ENV, "grad", step):
-            loss = _NaNGrad.apply(loss)
+        loss = TestHooks.corrupt_loss(loss, step)
         finite = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], device=loss.device)
         if torch.distributed.is_initialized() and self.world > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -299,12 +303,7 @@ class Trainer:
             else:
                 stats.append(plain_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
                                             boundary=last, loss_guard=self._guard_loss))
-        dump = os.environ.get(DUMP_GRADS_ENV)
-        if dump:
-            grads = self.engine.full_grads()  # collective under ZeRO-3
-            if dist.is_main():
-                Path(dump).mkdir(parents=True, exist_ok=True)
-                torch.save(grads, Path(dump) / f"grads_step{self.step + 1}.pt")
+        TestHooks.dump_grads(self.engine, self.step + 1)
         self.step_lrs = self.engine.lr()  # the rates this step used (the schedule advances in step())
         self.engine.step()
         norm = self.engine.grad_norm()  # global (identical on every rank); DeepSpeed skipped a non-finite step
@@ -312,7 +311,7 @@ class Trainer:
             raise TrainingError(f"step {self.step + 1}: the gradient norm is not finite ({norm}); the step was not applied, "
                                 f"training stopped, {self._last_good()} (lower optim.lr or check the data)")
         self.step += 1
-        _crash_point("step", self.step)
+        TestHooks.crash("step", self.step)
         return stats
 
     # -- metrics ----------------------------------------------------------------------------------
@@ -359,18 +358,6 @@ class Trainer:
         if monitor.writer is not None:
             monitor.writer.add_scalar("data/skipped_rows", skipped, self.step)
 
-    def _dump_embeddings(self) -> None:
-        """The DUMP_EMBEDDINGS_ENV test hook (collective under ZeRO-3: every rank embeds the same texts)."""
-        folder = os.environ.get(DUMP_EMBEDDINGS_ENV)
-        if not folder:
-            return
-        probe = json.loads((Path(folder) / "probe.json").read_text(encoding="utf-8"))
-        documents = self.model.encode(probe["texts"])  # [N, D]
-        queries = self.model.encode(probe["queries"], instruction=probe.get("instruction"))  # [M, D]
-        if dist.is_main():
-            np.savez(Path(folder) / "embeddings.npz", documents=documents, queries=queries)
-        dist.barrier()
-
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -393,7 +380,13 @@ class Trainer:
                 start = time.perf_counter()
                 stats = self.train_step()
                 metrics = self._metrics(stats, time.perf_counter() - start)
-                if self.step % t.log_steps == 0 or self.step == last:
+                new_best = False
+                if self.evaluator is not None and self.evaluator.due(self.step):
+                    scores, new_best = self.evaluator.evaluate(self.model, self.step)
+                    metrics.update(scores)
+                    if new_best:
+                        self.evaluator.write_best(out)
+                if self.step % t.log_steps == 0 or self.step == last or "eval/mean" in metrics:
                     monitor.log_scalars(self.step, metrics)
                     if metrics_file is not None:
                         metrics_file.write(json.dumps({"step": self.step, **metrics}) + "\n")
@@ -402,9 +395,9 @@ class Trainer:
                     monitor.update(self.step)
                 if self.step % log.histogram_steps == 0 or self.step == last:
                     self._log_layer_weights(monitor)
-                if self.step % t.save_steps == 0 or self.step == last:
-                    self.save()
-            self._dump_embeddings()
+                if self.step % t.save_steps == 0 or self.step == last or new_best:
+                    self.save()  # a new best is checkpointed, so that best.json always names a checkpoint
+            TestHooks.dump_embeddings(self.model)
         finally:
             monitor.close()
             if metrics_file is not None:

@@ -3,6 +3,7 @@ of a study; run it again to resume after an interruption (finished stages are sk
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dsembed.errors import run_cli
 from dsembed.study import StudyRunner, load_study
@@ -15,9 +16,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every variant, after the study's own; repeatable")
     parser.add_argument("--tasks-dir", metavar="ROOT", help="evaluate on the local tasks in ROOT instead of the study's tasks")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="redo finished stages whose recipe, overrides, input model or evaluation settings changed "
+                             "(default: name them and exit with code 2)")
+    parser.add_argument("--nnodes", type=int, help="nodes per training run (launcher deepspeed; overrides the study's nnodes)")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile naming the nodes (overrides the study's hostfile)")
+    parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
+                        help="extra launcher argument, repeatable, e.g. --launcher-arg=--master_port=29600 "
+                             "(replaces the study's launcher_args)")
     args = parser.parse_args(argv)
-    study, root = load_study(args.study, args.override, args.tasks_dir)
-    report = StudyRunner(study, root, args.output_dir).run()
+    hostfile = str(Path(args.hostfile).resolve()) if args.hostfile else None  # relative to the working directory
+    study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg},
+                             args.override, args.tasks_dir)
+    report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale).run()
     print(f"[study {study.name}] report: {report}/report.md", flush=True)
     return 0
 

@@ -154,7 +154,8 @@ def markdown(comparison: dict[str, Any]) -> str:
         for c in cats:
             t = comparison["categories"][c]["tests"][v]
             p = t["p_holm"] if comparison["holm"] else t["pvalue"]
-            cells.append(f"{p:.3g} (n={t['n']})")
+            tied = f", {t['n_zero']} tied" if t.get("n_zero") else ""  # zero differences: not in n
+            cells.append(f"{p:.3g} (n={t['n']}{tied})")
         out.append(f"| {v} | " + " | ".join(cells) + " |")
     out += ["", f"## Answers: each variant against `{base}`", ""] + [f"- {line}" for line in answers(comparison)]
     if references:

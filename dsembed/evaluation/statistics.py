@@ -29,8 +29,9 @@ class WilcoxonResult:
 
     statistic: float
     pvalue: float
-    n: int
-    mean_difference: float  # mean over datasets of (variant - baseline)
+    n: int  # datasets the test used: scipy drops zero differences (zero_method="wilcox")
+    mean_difference: float  # mean over all paired datasets of (variant - baseline)
+    n_zero: int = 0  # paired datasets with a zero difference, left out of the test
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -64,7 +65,8 @@ def wilcoxon_test(baseline: dict[str, float], variant: dict[str, float]) -> Wilc
 
     Returns:
         The statistic and two-sided p-value (scipy's exact distribution for small n without ties);
-        p = 1.0 when every difference is zero, NaN when no dataset is shared.
+        p = 1.0 when every difference is zero, NaN when no dataset is shared. `n` counts the
+        datasets the test used: scipy drops zero differences, which `n_zero` counts.
     """
     names = sorted(set(baseline) & set(variant))
     a = np.array([baseline[n] for n in names], dtype=float)
@@ -72,10 +74,11 @@ def wilcoxon_test(baseline: dict[str, float], variant: dict[str, float]) -> Wilc
     if not names:
         return WilcoxonResult(float("nan"), float("nan"), 0, float("nan"))
     diff = float(np.mean(b - a))
-    if np.all(b - a == 0):
-        return WilcoxonResult(0.0, 1.0, len(names), diff)
-    result = wilcoxon(b, a, alternative="two-sided")
-    return WilcoxonResult(float(result.statistic), float(result.pvalue), len(names), diff)
+    zeros = int(np.sum(b - a == 0))
+    if zeros == len(names):
+        return WilcoxonResult(0.0, 1.0, 0, diff, zeros)
+    result = wilcoxon(b, a, alternative="two-sided", zero_method="wilcox")
+    return WilcoxonResult(float(result.statistic), float(result.pvalue), len(names) - zeros, diff, zeros)
 
 
 def holm(pvalues: list[float], alpha: float = 0.05) -> list[float]:

@@ -117,6 +117,7 @@ class LocalRetrievalTask(_LocalTask, AbsTaskRetrieval):
         qrels_path = self.task_dir / "qrels" / "test.tsv"
         if not qrels_path.is_file():
             raise DataError(f"{qrels_path}: file not found (BEIR layout: qrels/test.tsv with a header row)")
+        query_ids, corpus_ids = {str(r["_id"]) for r in queries}, {str(r["_id"]) for r in corpus}
         relevant: dict[str, dict[str, int]] = {}
         with qrels_path.open(encoding="utf-8") as handle:
             for number, fields in enumerate(csv.reader(handle, delimiter="\t"), start=1):
@@ -125,9 +126,18 @@ class LocalRetrievalTask(_LocalTask, AbsTaskRetrieval):
                 if len(fields) < 3:
                     raise DataError(f"{qrels_path}:{number}: expected query-id, corpus-id, score")
                 try:
-                    relevant.setdefault(fields[0], {})[fields[1]] = int(float(fields[2]))
+                    score = int(float(fields[2]))
                 except ValueError:
                     raise DataError(f"{qrels_path}:{number}: score {fields[2]!r} is not a number") from None
+                # An unknown id would be scored as a relevant document never retrieved (or a query
+                # never asked): NDCG quietly deflated instead of an error.
+                if fields[0] not in query_ids:
+                    raise DataError(f"{qrels_path}:{number}: query-id {fields[0]!r} is not in queries.jsonl "
+                                    "(fix the id or add the query)")
+                if fields[1] not in corpus_ids:
+                    raise DataError(f"{qrels_path}:{number}: corpus-id {fields[1]!r} is not in corpus.jsonl "
+                                    "(fix the id or add the document)")
+                relevant.setdefault(fields[0], {})[fields[1]] = score
         split = {
             "corpus": Dataset.from_dict({
                 "id": [str(r["_id"]) for r in corpus],

@@ -33,9 +33,10 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     Returns:
         [B, D] in `hidden`'s dtype.
     """
-    mask = attention_mask.to(device=hidden.device, dtype=torch.float32).unsqueeze(-1)  # [B, T, 1]
-    total = (hidden.float() * mask).sum(dim=1)  # [B, D]
-    count = mask.sum(dim=1).clamp_min(1.0)  # [B, 1]
+    keep = attention_mask.to(device=hidden.device, dtype=torch.bool).unsqueeze(-1)  # [B, T, 1]
+    # select, not multiply: 0 * NaN (or inf) at a padded position would still poison the sum
+    total = torch.where(keep, hidden.float(), 0.0).sum(dim=1)  # [B, D]
+    count = keep.sum(dim=1).clamp_min(1).float()  # [B, 1]
     return (total / count).to(hidden.dtype)  # [B, D]
 
 

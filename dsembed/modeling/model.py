@@ -34,6 +34,7 @@ from torch import nn
 
 from dsembed.config import MultiLayerAttentionPooling, Recipe, recipe_from_dict, resolve_layers
 from dsembed.errors import CheckpointError, RecipeError
+from dsembed.instructions import format_query
 from dsembed.modeling.attention import set_attention_mode
 from dsembed.modeling.backbone import DTYPES, available_attn_implementation, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
@@ -109,9 +110,7 @@ class EmbeddingModel(nn.Module):
 
     def format_query(self, text: str, instruction: str | None) -> str:
         """`text` inside recipe.data.query_template with `instruction`; unchanged without one."""
-        if not instruction:
-            return text
-        return self.recipe.data.query_template.format(instruction=instruction, query=text)
+        return format_query(self.recipe.data.query_template, instruction, text)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,

@@ -17,7 +17,8 @@ import sys
 from dsembed.config import load_recipe, validate
 from dsembed.distributed import world_size
 from dsembed.engine import shutdown_distributed
-from dsembed.trainer import DUMP_EMBEDDINGS_ENV, Trainer
+from dsembed.testhooks import DUMP_EMBEDDINGS_ENV
+from dsembed.trainer import Trainer
 
 
 def main(spec_path: str) -> None:

@@ -50,6 +50,9 @@ CASES: dict[str, tuple[str | None, list[str], list[str]]] = {
     "missing_ds_template": (None, ["deepspeed.template=no-such.json"], ["deepspeed.template"]),
     "lora_targets_missing": (None, ["lora.target_modules=[no_such_proj]"], ["lora.target_modules"]),
     "missing_recipe_file": ("<missing>", [], ["not found"]),
+    "negative_warmup": (None, ["optim.warmup_steps=-1"], ["optim.warmup_steps"]),
+    "eval_every_steps_without_tasks": (None, ["eval.every_steps=2"], ["eval.every_steps", "eval.tasks_dir"]),
+    "eval_tasks_dir_missing": (None, ["eval.every_steps=2", "eval.tasks_dir=no-such-tasks"], ["eval", "no-such-tasks"]),
 }
 
 

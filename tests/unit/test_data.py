@@ -286,3 +286,24 @@ def test_shared_training_files_load_cleanly(tmp_path):
     assert examples.skipped == 0 and len(examples) == 547 + 4159
     assert all(len(e.negatives) == 1 and e.negatives[0] != e.positive for e in examples)
     assert examples[0].source == "trecqa-wang-train"
+
+
+def test_one_query_template_rule_for_training_encode_and_exported_prompts():
+    """Training rows, EmbeddingModel.encode and the sentence-transformers prompts fill the template
+    with the same function: braces in the texts and the template are kept literally."""
+    from dsembed.config import load_recipe
+    from dsembed.data import Example, query_text
+    from dsembed.export import _template_parts
+    from dsembed.instructions import format_query
+    from dsembed.modeling.model import EmbeddingModel
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny-cpu.yaml",
+                         ['data.query_template="{{lit}} {instruction}: {query} /{x}"', "data.instructions={default: 'Find {it}'}"])
+    query = "what is {this}?"
+    expected = "{{lit}} Find {it}: what is {this}? /{x}"
+    assert format_query(recipe.data.query_template, "Find {it}", query) == expected
+    assert query_text(Example(query=query, positive="p"), recipe) == expected
+    assert EmbeddingModel.format_query(type("M", (), {"recipe": recipe})(), query, "Find {it}") == expected
+    prefix, suffix = _template_parts(recipe, "Find {it}")
+    assert prefix + query + suffix == expected
+    assert format_query(recipe.data.query_template, None, query) == query  # no instruction: the raw query

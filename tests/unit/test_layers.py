@@ -104,3 +104,15 @@ def test_layer_out_of_range():
     model, _ = load_backbone(ModelConfig(random_init=tiny_backbone_config("llama"), tokenizer="bytes"))
     with pytest.raises(ValueError):
         LayerTaps(model, [3])
+
+
+def test_masked_mean_ignores_nan_and_inf_at_padded_positions():
+    hidden = torch.randn(2, 4, 3)  # [B, T, D]
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    expected = torch.stack([hidden[0, 1:].mean(0), hidden[1, :2].mean(0)])  # [B, D]
+    poisoned = hidden.clone()
+    poisoned[0, 0] = float("nan")
+    poisoned[1, 3] = float("inf")
+    got = masked_mean(poisoned, mask)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)

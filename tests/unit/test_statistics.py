@@ -30,6 +30,16 @@ def test_wilcoxon_smallest_p_with_six_datasets_is_2_over_64():
     assert np.isnan(st.wilcoxon_test(base, {"other": 1.0}).pvalue)
 
 
+def test_wilcoxon_n_counts_only_the_nonzero_differences_scipy_uses():
+    base = {f"t{i}": 0.5 for i in range(7)}
+    variant = {**{f"t{i}": 0.5 + 0.01 * (i + 1) for i in range(6)}, "t6": 0.5}  # one tie
+    result = st.wilcoxon_test(base, variant)
+    assert (result.n, result.n_zero) == (6, 1)
+    assert result.pvalue == pytest.approx(2 / 64)  # the exact p of 6 datasets: the tie was dropped
+    tied = st.wilcoxon_test(base, base)
+    assert (tied.n, tied.n_zero, tied.pvalue) == (0, 7, 1.0)
+
+
 def test_holm_matches_hand_computation():
     # sorted p: 0.01*3 = 0.03; 0.03*2 = 0.06; max(0.06, 0.04*1) = 0.06
     assert st.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])

@@ -33,7 +33,8 @@ def test_paper_studies_cover_the_five_designs():
 
 
 def write(tmp_path, text):
-    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 4}\n  tokenizer: bytes\n")
+    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 4}\n  tokenizer: bytes\n"
+                                     "data:\n  train: ['synthetic:8']\n")
     path = tmp_path / "s.yaml"
     path.write_text(text)
     return path
@@ -77,17 +78,19 @@ def test_launch_commands(tmp_path):
 
 
 def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(tmp_path):
+    rows = tmp_path / "x.jsonl"
+    rows.write_text('{"query": "q", "positive": "p"}\n')
     study, root = load_study(REPO / "recipes" / "studies" / "ablations-smollm2.yaml",
-                             ["data.train=[x.jsonl]"], tasks_dir=str(tmp_path))
+                             overrides=[f"data.train=[{rows}]"], tasks_dir=str(tmp_path))
     assert study.baseline == "all" and study.holm and study.probe_base and study.include_base
     assert list(study.variants)[:2] == ["model1", "all"]  # base = model1's untrained backbone (EOS, causal)
     assert {"top4", "top8", "top16", "no-layer-weights"} <= set(study.variants)
-    assert study.overrides[-1] == "data.train=[x.jsonl]" and study.tasks_dir == str(tmp_path.resolve())
+    assert study.overrides[-1] == f"data.train=[{rows}]" and study.tasks_dir == str(tmp_path.resolve())
     runner = StudyRunner(study, root, tmp_path / "out")
     evaluate = runner._evaluate_command(["m"], "top4", ["--tasks-dir", "T"])
     assert evaluate[evaluate.index("--limit") + 1] == str(study.eval_limit)
     assert f"SciFact={study.eval_limits['SciFact']}" in evaluate
     probe = runner._probe_command(["--tasks-dir", "T"])
     assert probe[2] == "dsembed.cli.probe_layers" and probe[3].endswith("paper/smollm2-135m/model1.yaml")
-    assert "--override=data.train=[x.jsonl]" in probe and probe[probe.index("--output-dir") + 1] == str(tmp_path / "out" / "probe")
+    assert f"--override=data.train=[{rows}]" in probe and probe[probe.index("--output-dir") + 1] == str(tmp_path / "out" / "probe")
     assert f"NFCorpus={study.eval_limits['NFCorpus']}" in probe

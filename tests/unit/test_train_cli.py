@@ -80,6 +80,25 @@ def test_dry_run_prints_recipe_and_head_size(tmp_path: Path, capsys, extra) -> N
     assert not out.exists()
 
 
+def test_dry_run_missing_data_file_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    path, out = _recipe(tmp_path, data={"train": ["no-such-rows.jsonl"]})
+    code, stdout, err = _run([str(path), "--dry-run"], capsys)
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert str(path) in err and "data.train" in err and str(tmp_path / "no-such-rows.jsonl") in err
+    assert not out.exists()
+
+
+def test_dry_run_world_size_checks_batch_arithmetic(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path, _ = _recipe(tmp_path, train={"global_batch_size": 64, "micro_batch_size": 8})
+    code, _, err = _run([str(path), "--dry-run", "--world-size", "4"], capsys)  # 8 x 1 x 4 = 32, not 64
+    assert code == 2 and "train.global_batch_size = 64" in err and "8 x 1 x 4 = 32" in err
+    code, stdout, _ = _run([str(path), "--dry-run", "--world-size", "8"], capsys)  # 8 x 1 x 8 = 64
+    assert code == 0 and "global_batch_size: 64" in stdout
+    code, _, err = _run([str(path), "--world-size", "8"], capsys)  # only with --dry-run
+    assert code == 2 and "--world-size" in err
+
+
 def test_dry_run_hub_model_offline_reports_unknown(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path, _ = _recipe(tmp_path, model=None)

@@ -1,0 +1,133 @@
+"""Which finished study stages are still current: fingerprints of what each stage was made from.
+
+A study skips a stage whose output exists. That is only right while the stage's inputs are the
+same: a recipe edited, an override added, a local input model replaced or the evaluation settings
+changed make the old output stale. After each stage the runner records a fingerprint of its inputs
+in `<output_dir>/stages.json`; before running anything it compares every finished stage's record
+with the fingerprint the study would make now. A stage's fingerprint includes the stage it reads
+(evaluate <- export <- train), so a retrained variant makes its export and evaluation stale too.
+
+Fingerprints:
+- train: the resolved recipe (overrides applied) without the keys that do not change the model
+  (logging.*, train.resume / overwrite / stop_after / output_dir) and the input model: a local
+  file or folder by its files' names, sizes and modification times, a `pkg:` model by the installed
+  package's version, a hub id by the recipe's `model.revision`;
+- export: its variant's train fingerprint;
+- evaluate: the model's fingerprint (export, or for `base` the recipe's) and the evaluation arguments.
+A stage finished before fingerprints were recorded (no entry) is taken as current, and recipe keys
+that only one side knows (added or removed by a dsembed upgrade) are not compared.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dsembed.config import Recipe
+
+LEDGER = "stages.json"
+# Keys that change how a run is logged or continued, not the model it trains.
+_IGNORED = ("logging", "train.resume", "train.overwrite", "train.stop_after", "train.output_dir")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's model-relevant keys (dotted -> value) and its input model's identity."""
+    flat = {k: v for k, v in _flat(recipe.to_dict()).items()
+            if not any(k == ignored or k.startswith(ignored + ".") for ignored in _IGNORED)}
+    return {"recipe": flat, "model": model_identity(recipe)}
+
+
+def model_identity(recipe: Recipe) -> str | None:
+    """What the input model is: a hash of a local model's file list (name, size, mtime), a `pkg:`
+    package's version, or None (a random_init model or a hub id: the recipe already names it)."""
+    name = recipe.model.name_or_path
+    if name is None:
+        return None
+    if name.startswith("pkg:"):
+        package = name[4:]
+        try:
+            return f"{package}=={importlib.metadata.version(package)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{package} (not installed)"
+    path = recipe.resolve_path(name)
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"{path.resolve()} sha256:{digest.hexdigest()[:16]}"
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints: dotted recipe keys with old -> new
+    values, "the input model", or the upstream stage / settings that changed."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "recipe":
+            # keys on one side only come from a dsembed version that added or removed them, not
+            # from the study: compare the keys both sides know
+            a, b = a or {}, b or {}
+            out += [f"{k} {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+        elif key == "model":
+            out.append("the input model")
+        elif key == "base" and isinstance(a, dict) and isinstance(b, dict):
+            out += changes(a, b)
+        elif key == "train":
+            if not (isinstance(a, dict) and isinstance(b, dict)) or changes(a, b):
+                out.append("its training stage changed")
+        else:
+            out.append(f"the {key} settings")
+    return out
+
+
+class StageLedger:
+    """`<output_dir>/stages.json`: stage label -> the fingerprint its output was made from."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LEDGER
+        self.entries: dict[str, Any] = {}
+        if self.path.is_file():
+            self.entries = json.loads(self.path.read_text(encoding="utf-8"))
+
+    def stale(self, label: str, fingerprint: dict[str, Any]) -> list[str] | None:
+        """None when the recorded fingerprint matches (or none was recorded); else what changed."""
+        recorded = self.entries.get(label)
+        if recorded is None:
+            return None
+        return changes(recorded, _plain(fingerprint)) or None
+
+    def record(self, label: str, fingerprint: dict[str, Any]) -> None:
+        """Store a finished stage's fingerprint."""
+        self.entries[label] = _plain(fingerprint)
+        self._write()
+
+    def forget(self, label: str) -> None:
+        """Drop a stage's record (its output is being redone)."""
+        if self.entries.pop(label, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        """stages.json, written to a temporary file and os.replace'd."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f"{LEDGER}.tmp")
+        partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(partial, self.path)
+
+
+def _plain(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """JSON round trip, so tuples and lists compare equal to what was read back from disk."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True))

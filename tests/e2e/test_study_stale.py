@@ -1,0 +1,72 @@
+"""A finished study stage whose inputs changed is not silently reused.
+
+A two-variant study of the tiny model (one process each, 2 steps, a local STS task) runs to the
+end; then variant b's overrides change. The runner names the stale stages (train, export and
+evaluate of b, nothing of a) and exits 2 without touching anything; with --rerun-stale it
+retrains and re-evaluates b only.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO, study_env
+
+sys.path.insert(0, str(REPO / "tests" / "distributed"))
+from launch import write_sts_task  # noqa: E402
+
+STUDY = {"name": "stale", "output_dir": "out", "launcher": "python", "include_base": False, "baseline": "a",
+         "variants": {"a": str(REPO / "recipes" / "tiny-cpu.yaml"), "b": str(REPO / "recipes" / "tiny-cpu.yaml")},
+         "overrides": ["train.max_steps=2", "train.save_steps=2", "logging.progress_bar=false"],
+         "variant_overrides": {"a": ["pooling={type: last_token}"], "b": []}, "tasks_dir": "tasks"}
+
+
+def _study(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**STUDY, **changes}))
+    return path
+
+
+def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.study", str(tmp_path / "study.yaml"), *extra], cwd=tmp_path,
+                          env=study_env(tmp_path), capture_output=True, text=True, timeout=900)
+
+
+def test_changed_variant_is_named_then_redone_with_rerun_stale(tmp_path: Path) -> None:
+    write_sts_task(tmp_path / "tasks")
+    _study(tmp_path)
+    first = _run(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "out"
+    ledger = json.loads((out / "stages.json").read_text())
+    assert sorted(ledger) == ["evaluate a", "evaluate b", "export a", "export b", "train a", "train b"]
+    results = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+
+    _study(tmp_path, variant_overrides={"a": ["pooling={type: last_token}"], "b": ["optim.lr=1.0e-3"]})
+    stale = _run(tmp_path)
+    assert stale.returncode == 2, stale.stdout[-2000:] + stale.stderr[-2000:]
+    errors = [line for line in stale.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stale.stderr, stale.stderr[-2000:]
+    line = errors[0]
+    assert "3 finished stage(s)" in line and "train b (optim.lr 0.002 -> 0.001)" in line, line
+    assert "export b (its training stage changed)" in line and "evaluate b" in line
+    assert not any(f"{stage} a" in line for stage in ("train", "export", "evaluate"))
+    assert "--rerun-stale" in line
+    assert (out / "runs" / "b" / "TRAINED").is_file() and ": train:" not in stale.stdout  # nothing redone
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == results
+
+    rerun = _run(tmp_path, "--rerun-stale")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "(1/2) a: trained already" in rerun.stdout and "(2/2) b: train:" in rerun.stdout
+    assert "(1/2) a: evaluated already" in rerun.stdout and "(2/2) b: evaluate:" in rerun.stdout
+    assert "lr: 0.001" in (out / "runs" / "b" / "recipe.yaml").read_text()
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert after["a.json"] == results["a.json"] and after["b.json"] != results["b.json"]
+    assert json.loads((out / "stages.json").read_text())["train b"]["recipe"]["optim.lr"] == 0.001
+
+    again = _run(tmp_path)  # current again: nothing stale, nothing retrained
+    assert again.returncode == 0 and "(2/2) b: trained already" in again.stdout, again.stderr[-2000:]

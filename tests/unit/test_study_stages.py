@@ -1,0 +1,109 @@
+"""Stage fingerprints (what a finished study stage was made from) and multi-node study launch settings."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsembed.config import load_recipe
+from dsembed.errors import RecipeError
+from dsembed.study import _train_command, load_study
+from dsembed.study_stages import StageLedger, changes, model_identity, recipe_fingerprint
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+
+
+def test_recipe_fingerprint_sees_model_keys_and_ignores_logging_and_resume_keys():
+    base = recipe_fingerprint(load_recipe(TINY))
+    same = recipe_fingerprint(load_recipe(TINY, ["logging.progress_bar=false", "train.stop_after=3",
+                                                 "train.output_dir=/elsewhere", "train.resume=never"]))
+    assert same == base
+    changed = recipe_fingerprint(load_recipe(TINY, ["optim.lr=1e-3", "pooling.layers=top-2"]))
+    assert changes(base, changed) == ["optim.lr 0.002 -> 0.001", "pooling.layers 'all' -> 'top-2'"]
+
+
+def test_local_input_model_identity_follows_its_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    recipe = load_recipe(TINY, ["model.random_init=null", f"model.name_or_path={model}"])
+    before = model_identity(recipe)
+    assert before is not None and before == model_identity(recipe)
+    (model / "model.safetensors").write_bytes(b"y" * 11)  # a replaced checkpoint
+    after = model_identity(recipe)
+    assert after != before
+    old, new = recipe_fingerprint(recipe), recipe_fingerprint(recipe)
+    old["model"] = before
+    assert changes(old, new) == ["the input model"]
+    assert model_identity(load_recipe(TINY)) is None  # random_init: the recipe is the whole identity
+
+
+def test_ledger_names_what_changed_and_survives_a_reload(tmp_path):
+    ledger = StageLedger(tmp_path)
+    fingerprint = recipe_fingerprint(load_recipe(TINY))
+    assert ledger.stale("train a", fingerprint) is None  # nothing recorded yet: taken as current
+    ledger.record("train a", fingerprint)
+    again = StageLedger(tmp_path)
+    assert again.stale("train a", fingerprint) is None
+    assert again.stale("train a", recipe_fingerprint(load_recipe(TINY, ["loss.temperature=0.1"]))) == \
+        ["loss.temperature 0.05 -> 0.1"]
+    newer = {**fingerprint, "recipe": {**fingerprint["recipe"], "pooling.new_option": 1}}
+    assert again.stale("train a", newer) is None  # a key a dsembed upgrade added is not a change
+    assert again.stale("evaluate a", {"train": fingerprint}) is None
+    again.record("evaluate a", {"train": fingerprint})
+    retrained = {"train": recipe_fingerprint(load_recipe(TINY, ["loss.temperature=0.1"]))}
+    assert again.stale("evaluate a", retrained) == ["its training stage changed"]
+    again.forget("evaluate a")
+    assert "evaluate a" not in StageLedger(tmp_path).entries
+
+
+def _study(tmp_path, text):
+    (tmp_path / "r.yaml").write_text(TINY.read_text())
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\noutput_dir: o\nvariants: {a: r.yaml}\ntasks_dir: t\n" + text)
+    return path
+
+
+def test_multi_node_deepspeed_command_takes_hostfile_and_nodes(tmp_path):
+    (tmp_path / "hosts").write_text("node1 slots=8\nnode2 slots=8\n")
+    study, root = load_study(_study(tmp_path, "launcher: deepspeed\nnproc: 8\nnnodes: 2\nhostfile: hosts\n"
+                                              "launcher_args: [--master_port, '29600']\n"
+                                              "overrides: [train.global_batch_size=128]\n"))
+    command = _train_command(study, root / "r.yaml", ["x=1"], root)
+    assert command[:10] == ["deepspeed", "--hostfile", str(root / "hosts"), "--num_nodes", "2", "--num_gpus", "8",
+                            "--master_port", "29600", "--no_local_rank"]
+    # the batch arithmetic is checked for all 16 ranks: 8 x 1 x 16 = 128
+    with pytest.raises(RecipeError, match=re.escape("8 x 1 x 8 = 64")):
+        load_study(_study(tmp_path, "launcher: deepspeed\nnproc: 8\noverrides: [train.global_batch_size=128]\n"))
+    # the command line wins over the study file
+    study, _ = load_study(_study(tmp_path, "launcher: deepspeed\nnproc: 8\n"),
+                          {"nnodes": 2, "hostfile": str(tmp_path / "hosts"), "launcher_args": []})
+    assert study.nnodes == 2 and study.hostfile == str(tmp_path / "hosts")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("launcher: torchrun\nnproc: 2\nnnodes: 2\n", "needs launcher: deepspeed"),
+    ("launcher: deepspeed\nnnodes: 2\n", "needs a hostfile"),
+    ("launcher: deepspeed\nhostfile: missing-hosts\n", "hostfile missing-hosts not found"),
+    ("launcher: torchrun\nnproc: 2\nhostfile: hosts\n", "read by launcher: deepspeed only"),
+    ("nnodes: 0\n", "nnodes = 0 must be at least 1"),
+    ("overrides: ['data.train=[no-such.jsonl]']\n", "no-such.jsonl: data file not found"),
+])
+def test_bad_launch_settings_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "hosts").write_text("node1 slots=2\n")
+    with pytest.raises(Exception, match=re.escape(message)):
+        load_study(_study(tmp_path, text))
+
+
+def test_study_cli_hostfile_and_nodes_flags(tmp_path):
+    path = _study(tmp_path, "launcher: torchrun\nnproc: 2\n")
+    result = subprocess.run([sys.executable, "-m", "tools.study", str(path), "--nnodes", "2"], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "nnodes = 2 needs launcher: deepspeed" in result.stderr and str(path) in result.stderr
