@@ -269,6 +269,10 @@ class StudyRunner:
                 found = ledger.stale(label, entry["fingerprint"])
                 if found is not None:
                     stale[label] = found
+        for name in self.study.variants:  # a retrained variant's export and evaluation are stale too
+            for label in (f"export {name}", f"evaluate {name}"):
+                if f"train {name}" in stale and label not in stale and stages[label]["output"].exists():
+                    stale[label] = ["its training stage changed"]
         if not stale:
             return
         if not self.rerun_stale:
@@ -301,23 +305,25 @@ class StudyRunner:
         names = list(study.variants)
 
         def stage(key: str, label: str, done: str, command: list[str]) -> None:
+            # recorded before the stage runs: a study killed just after the stage finished must
+            # not leave an output without the inputs it was made from
+            ledger.record(key, stages[key]["fingerprint"])
             if stages[key]["output"].exists():
                 print(f"[study {study.name}] {done}", flush=True)
             else:
                 self._run(label, command)
-            ledger.record(key, stages[key]["fingerprint"])
 
         for i, name in enumerate(names, 1):
             recipe = _recipe_path(study, self.root, name)
             run_dir, model_dir = out / "runs" / name, out / "models" / name
             overrides = _overrides(study, name) + [f"train.output_dir={run_dir}"]
             prefix = f"({i}/{len(names)}) {name}"
+            ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
             if (run_dir / "TRAINED").exists():
                 print(f"[study {study.name}] {prefix}: trained already", flush=True)
             else:
                 self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root))
                 (run_dir / "TRAINED").write_text("ok\n")
-            ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
             stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
                   [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
             stage(f"evaluate {name}", f"{prefix}: evaluate", f"{prefix}: evaluated already",
