@@ -5,7 +5,7 @@
 RUN_DIR_OR_CHECKPOINT is a run directory (train.output_dir), its checkpoints/ folder or one
 checkpoints/step-N folder; without --step the checkpoint named in `latest` is exported. Works on a
 CPU machine from ZeRO-2 and ZeRO-3 checkpoints, without the training processes. OUT_DIR is both a
-dsembed model (`EmbeddingModel.load(OUT_DIR)`) and a sentence-transformers model
+dsembed model (`EmbeddingModel.load(OUT_DIR)`), a transformers model and a sentence-transformers model
 (`SentenceTransformer(OUT_DIR, trust_remote_code=True)`, with prompt_name="query" for queries);
 the layout is in dsembed/export.py. It is written next to OUT_DIR and renamed when complete.
 """
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if summary.lora == "adapter":
         print(f"adapter parameters: {summary.adapter_parameters:,}")
     print(f"head parameters: {summary.head_parameters:,}")
+    how = {"plain": "sentence-transformers' own modules, no dsembed needed",
+           "portable": "dsembed_model.py (trust_remote_code=True), no dsembed needed",
+           "dsembed": "dsembed_st.py: needs dsembed and peft (--keep-adapter)"}[summary.form]
+    print(f"sentence-transformers: {how}; backbone {summary.backbone_dtype}")
     return 0
 
 

@@ -46,7 +46,7 @@ EXPECTED = {"model1-zero2": ("causal", "last_token"), "model1": ("causal", "last
             "model1-bf16": ("causal", "last_token")}
 COSINE = 0.99999
 # the live bf16 engine computes in bf16, the float32 export does not: they agree up to bf16 arithmetic noise
-COSINE_BF16 = 0.999
+COSINE_BF16 = 0.9999
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -186,7 +186,7 @@ def test_bf16_run_keeps_its_lora_delta(runs: Path, exported: dict[str, Path]) ->
     assert moved > 0 and lost / moved > 0.5  # the bf16 merge would drop most of it
     # the export computes the live model's own weights in float32; the live bf16 engine adds bf16 noise
     live32 = copy.deepcopy(live_model).float().encode(PROBE["texts"])
-    np.testing.assert_allclose(exported_model.encode(PROBE["texts"]), live32, atol=1e-4)
+    np.testing.assert_allclose(exported_model.encode(PROBE["texts"]), live32, atol=1e-5)
     live = np.load(runs / "model1-bf16" / "dump" / "embeddings.npz")
     assert _cosines(exported_model.encode(PROBE["texts"]), live["documents"]).min() >= COSINE_BF16
     assert torch.isfinite(torch.from_numpy(live32)).all()
