@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if recipe is not None:
         from dsembed.modeling.model import build_model
 
-        model = build_model(recipe).to(device).eval()
+        model = build_model(recipe, attn_fallback=True).to(device).eval()  # GPU recipes probe on CPU machines too
     else:
         from dsembed.modeling.model import EmbeddingModel
 

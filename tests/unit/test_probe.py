@@ -96,3 +96,19 @@ def test_probe_bad_input_is_one_line_exit_2(task_root: Path, tmp_path: Path, arg
     code, _, stderr = _probe(*args, "--output-dir", str(tmp_path / "out"))
     assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_probe_of_a_flash_attention_recipe_falls_back_to_sdpa(task_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """A GPU recipe (flash_attention_2) is probed on a CPU machine with sdpa, saying so in one line."""
+    import importlib.util
+
+    from dsembed.modeling import backbone
+
+    monkeypatch.setattr(backbone, "_FALLBACK_NOTED", [])  # the note is printed once per process
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: nothing to fall back from")
+    code, _, stderr = _probe(str(REPO / "recipes" / "tiny-cpu.yaml"), "--override", "model.attn_implementation=flash_attention_2",
+                             "--tasks-dir", str(task_root), "--tasks", "TinySTS", "--output-dir", str(tmp_path / "p"))
+    assert code == 0, stderr
+    assert sum("using sdpa" in line for line in stderr.splitlines()) == 1
+    assert json.loads((tmp_path / "p" / "layers.json").read_text())["layers"] == [1, 2, 3, 4]
