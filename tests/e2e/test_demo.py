@@ -40,7 +40,7 @@ def test_demo_study_file_loads():
 
 
 def test_missing_package_is_one_line_naming_install_sh(monkeypatch):
-    from tools import demo
+    from dsembed.cli import demo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real(name, *a))
