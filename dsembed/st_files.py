@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dsembed.config import Recipe
+from dsembed.instructions import format_query
 
 ST_MODULE_FILE = "dsembed_st.py"
 ST_MODULE_TYPE = "dsembed_st.DsembedEmbedding"
