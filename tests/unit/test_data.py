@@ -293,7 +293,7 @@ def test_one_query_template_rule_for_training_encode_and_exported_prompts():
     with the same function: braces in the texts and the template are kept literally."""
     from dsembed.config import load_recipe
     from dsembed.data import Example, query_text
-    from dsembed.export import _template_parts
+    from dsembed.st_files import _template_parts
     from dsembed.instructions import format_query
     from dsembed.modeling.model import EmbeddingModel
 

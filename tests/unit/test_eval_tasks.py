@@ -131,8 +131,8 @@ def test_bad_local_file_names_file_and_line(tmp_path):
                                           ("no-such-query\td0\t1", "query-id 'no-such-query' is not in queries.jsonl")])
 def test_qrels_naming_an_unknown_id_is_an_error_with_line(tmp_path, row, problem):
     folder = tmp_path / "retrieval" / "Bad"
-    _write_jsonl(folder / "corpus.jsonl", [{"_id": "d0", "text": "a"}, {"_id": "d1", "text": "b"}])
-    _write_jsonl(folder / "queries.jsonl", [{"_id": "q0", "text": "a?"}])
+    write_jsonl(folder / "corpus.jsonl", [{"_id": "d0", "text": "a"}, {"_id": "d1", "text": "b"}])
+    write_jsonl(folder / "queries.jsonl", [{"_id": "q0", "text": "a?"}])
     (folder / "qrels").mkdir()
     (folder / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\nq0\td0\t1\n{row}\n")
     with pytest.raises(DataError, match=re.escape(f"qrels/test.tsv:3: {problem}")):
