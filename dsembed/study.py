@@ -206,9 +206,8 @@ class StudyRunner:
 
     def _probe_command(self, tasks: list[str]) -> list[str]:
         """dsembed-probe-layers on the untrained backbone, with the evaluation's tasks and limits."""
-        first = next(iter(self.study.variants))
-        return [sys.executable, "-m", "dsembed.cli.probe_layers", str(_recipe_path(self.study, self.root, first)),
-                *[f"--override={o}" for o in _overrides(self.study, first)], *tasks,
+        recipe_and_overrides = self._base_target()[1:]  # the probe takes the recipe as SOURCE, not --base
+        return [sys.executable, "-m", "dsembed.cli.probe_layers", *recipe_and_overrides, *tasks,
                 "--output-dir", str(self.out / "probe"), "--batch-size", str(self.study.eval_batch_size),
                 *self._limit_arguments()]
 
