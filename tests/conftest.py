@@ -70,12 +70,16 @@ def write_jsonl(path, rows: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def task_root(tmp_path_factory):
-    """A tasks dir with one tiny local task of each type: TinySTS, TinyRetrieval,
-    TinyClassification, TinyClustering (topic words, so a bag-of-trigrams scores well)."""
+    """A tasks dir with one tiny local task of each type (see `write_tiny_tasks`)."""
+    return write_tiny_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+def write_tiny_tasks(root):
+    """One tiny local task of each type under `root`: TinySTS, TinyRetrieval, TinyClassification,
+    TinyClustering (topic words, so a bag-of-trigrams scores well). Returns `root`."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("tasks")
     topics = list(TOPICS)
     sts = []
     for i in range(24):  # same topic -> high gold score, other topic -> low

@@ -1,20 +1,34 @@
 """dsembed-evaluate: score a saved dsembed model (or an untrained backbone) on MTEB tasks.
 
     dsembed-evaluate MODEL_DIR --tasks paper-sts paper-retrieval --output results/model5.json
-    dsembed-evaluate MODEL_DIR --tasks-dir ../shared/data/tasks --limit 200 --output r.json
+    dsembed-evaluate MODEL_DIR --tasks-dir ../shared/data/tasks --limit 200 --output r.json --nproc 2
+    torchrun --nproc_per_node 8 -m dsembed.cli.evaluate MODEL_DIR --tasks paper-all --output r.json \
+        --results-dir mteb-results
     dsembed-evaluate --base recipes/tiny-cpu.yaml --tasks-dir tasks --output base.json
 
-With neither --tasks nor --tasks-dir, the model recipe's `eval` section decides. An exported model's
-README.md (model card) gets the scores: the hub's model-index metadata and a results table (the
-main scores of every evaluation so far are kept in MODEL_DIR/eval_results.json). With both, --tasks
-picks task names under --tasks-dir. Task data is loaded before the model, so a missing folder or an
-unreachable hub fails in a second. Results JSON (format "dsembed-eval/1"):
-  {"format", "model": {"name", "path"|"recipe", "pooling", "attention"}, "mteb_version", "created",
-   "settings": {"batch_size", "limit", "task_limits", "instructions"},
+With neither --tasks nor --tasks-dir, the model recipe's `eval` section decides. Task data is loaded
+before the model, so a missing folder or an unreachable hub fails in a second.
+
+Ranks: under torchrun or the deepspeed launcher, or with `--nproc N` (N local ranks started here),
+every rank embeds a share of each task's texts and rank 0 scores with mteb
+(dsembed.evaluation.ranks); the scores equal a one-rank run's.
+Resume: each task's result is written to OUTPUT's `<stem>.tasks/` folder as soon as it is scored; the
+same command run again skips the tasks finished for the same model weights and settings (and says
+so), `--overwrite` recomputes them (dsembed.evaluation.resume).
+mteb's layout: `--results-dir DIR` also writes DIR/results/dsembed__<name>/<revision>/<Task>.json
+(+ model_meta.json) with mteb's ResultCache, readable by `mteb.TaskResult.from_disk` and
+`mteb.cache.ResultCache(DIR).load_results()`; the revision is the weights' fingerprint.
+An exported model's README.md (model card) gets the scores: the hub's model-index metadata and a
+results table (the main scores of every evaluation so far are kept in MODEL_DIR/eval_results.json).
+
+Results JSON (format "dsembed-eval/1"):
+  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "fingerprint"}, "mteb_version",
+   "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks"},
+   "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
    "layer_weights": {"layers": [int], "norms": [float]} | null,
    "tasks": {NAME: {"category", "type", "main_metric", "main_score", "items_score", "split",
                     "instruction", "source", "scores": {subset: {metric: value}},
-                    "items": {subset: ITEMS} | null}},
+                    "items": {subset: ITEMS} | null, "encoding": {"texts", "embedded"}}},
    "categories": {CATEGORY: {"mean", "n_tasks", "tasks"}}}
   ITEMS: sts {"cosine", "gold"}; retrieval {"query_ids", "ndcg_at_10"};
          classification {"gold", "correct"}; clustering {"sets": [{"labels", "clusters"}]}.
@@ -22,10 +36,11 @@ unreachable hub fails in a second. Results JSON (format "dsembed-eval/1"):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from dsembed.errors import UserError, run_cli
 
@@ -39,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                         "paper-all, or task names")
     p.add_argument("--tasks-dir", metavar="ROOT", help="local tasks in ROOT/<type>/<Name>")
     p.add_argument("--output", required=True, metavar="FILE.json")
+    p.add_argument("--results-dir", metavar="DIR", help="also write mteb's results layout (TaskResult JSON per task) here")
+    p.add_argument("--overwrite", action="store_true", help="recompute tasks finished by an earlier run")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N local ranks that share the encoding (not under torchrun / deepspeed)")
+    p.add_argument("--embedding-cache-gb", type=float, default=4.0, metavar="GB",
+                   help="memory for embeddings reused across tasks and calls (default 4; 0: within a call only)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
     p.add_argument("--instruction", action="append", default=[], metavar="TASK=TEXT",
                    help="query instruction for a task (empty TEXT: none); repeatable")
@@ -46,10 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task-limit", action="append", default=[], metavar="TASK=N",
                    help="--limit for one task (overrides --limit there); repeatable")
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="default: this rank's GPU when CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no encoding progress bars")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for --base (as dsembed-train key=value); repeatable")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -63,22 +86,110 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus --nproc (the ranks it starts must not start ranks themselves)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    from dsembed import distributed
+    from dsembed.evaluation import ranks
+
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: give at least 1")
+    launched = distributed.world_size() > 1
+    if args.nproc is not None and args.nproc > 1:
+        if launched:
+            raise UserError("--nproc starts local ranks itself; under torchrun or the deepspeed launcher leave it out")
+        return ranks.launch_local(args.nproc, "dsembed.cli.evaluate", _without_nproc(argv))
+    ranks.start_ranks()
+    try:
+        if not distributed.is_main():
+            return _serve(args)
+        return _evaluate(args)
+    finally:
+        ranks.stop_ranks()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Ranks 1..N-1: load the model rank 0 names (when it has tasks to run) and embed its requests."""
+    from dsembed.evaluation import ranks
+
+    plan = ranks.broadcast_from_main(None)
+    if plan is None:
+        return 0  # rank 0 stopped before encoding (bad input, or every task finished earlier)
+    model = _load_model(args, plan["recipe"], ranks.rank_device(args.device))
+    ranks.serve(model)
+    return 0
+
+
+def _load_model(args: argparse.Namespace, recipe, device: str):
+    """The model under evaluation on `device`: an exported folder, or --base's untrained model."""
+    import torch
+
+    if args.base:
+        from dsembed.modeling.model import build_model
+
+        # the seed fixes an untrained head: every rank, and a resumed run, scores the same model
+        torch.manual_seed(recipe.train.seed)
+        return build_model(recipe, attn_fallback=True).to(device).eval()
+    from dsembed.modeling.model import EmbeddingModel
+
+    return EmbeddingModel.load(args.model_dir, device=device)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Rank 0 (or the only rank): plan, skip finished tasks, run the rest, write the results."""
+    from dsembed.evaluation import ranks
+
+    try:
+        job = _plan(args)
+    except BaseException:
+        ranks.broadcast_from_main(None)  # release the other ranks before the error ends this one
+        raise
+    ranks.broadcast_from_main({"recipe": job["recipe"]} if job["pending"] else None)
+    encoder = None
+    try:
+        if job["pending"]:
+            model = _load_model(args, job["recipe"], ranks.rank_device(args.device))
+            encoder = ranks.ShardedEncoder(model)
+        results = _run_tasks(args, job, encoder)
+    finally:
+        if encoder is not None:
+            encoder.close()
+    return _write(args, job, results)
+
+
+def _plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the command line, read the tasks and split them into finished and pending."""
     from dsembed.config import load_recipe
-    from dsembed.evaluation import run
-    from dsembed.evaluation.report import format_results_table
+    from dsembed.evaluation import resume, run
     from dsembed.evaluation.tasks import load_local_tasks
+    from dsembed.study_stages import recipe_fingerprint
 
     if bool(args.model_dir) == bool(args.base):
         raise UserError("give exactly one of MODEL_DIR or --base RECIPE.yaml")
     if args.limit is not None and args.limit < 2:
         raise UserError("--limit must be at least 2")
+    if args.embedding_cache_gb < 0:
+        raise UserError(f"--embedding-cache-gb {args.embedding_cache_gb}: give 0 or more")
     recipe_path = Path(args.base) if args.base else Path(args.model_dir) / "recipe.yaml"
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise UserError(f"model folder {args.model_dir} does not exist")
     if args.override and not args.base:
         raise UserError("--override applies to --base RECIPE.yaml only")
+    results_dir = Path(args.results_dir) if args.results_dir else None
+    resume.check_results_dir(results_dir)
     recipe = load_recipe(recipe_path, args.override) if recipe_path.is_file() else None
     if args.base and recipe is None:
         raise UserError(f"recipe {args.base} does not exist")
@@ -90,44 +201,129 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("no tasks: give --tasks PRESET_OR_NAME... or --tasks-dir ROOT")
     tasks = load_local_tasks(tasks_dir, names or None) if tasks_dir else run.named_tasks(names)
     task_limits = run.parse_task_limits(args.task_limit, tasks)
-    run.prepare_tasks(tasks, limit=args.limit, task_limits=task_limits)
     evaluated = {t.metadata.name for t in tasks}
     # The recipe may hold instructions for tasks not run now; a command-line one must name a task.
     overrides = {k: v for k, v in (eval_cfg.instructions if eval_cfg else {}).items() if k in evaluated}
     overrides.update(_overrides(args.instruction))
     instructions = run.resolve_instructions(tasks, overrides)
-    batch_size = args.batch_size or (eval_cfg.batch_size if eval_cfg else 32)
 
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output = Path(args.output)
+    store_folder = resume.TaskStore.for_output(output)
     if args.base:
-        from dsembed.modeling.model import build_model
-
-        model = build_model(recipe, attn_fallback=True).to(device).eval()
-        info = {"name": args.name or f"base-{Path(args.base).stem}", "recipe": str(args.base)}
+        fingerprint = "recipe:" + hashlib.sha256(json.dumps(recipe_fingerprint(recipe), sort_keys=True,
+                                                            default=str).encode()).hexdigest()
     else:
-        from dsembed.modeling.model import EmbeddingModel
+        fingerprint = resume.model_fingerprint(Path(args.model_dir), store_folder, output)
+    store = resume.TaskStore(store_folder, fingerprint)
+    keys, finished, pending = {}, {}, []
+    for task in tasks:
+        name = task.metadata.name
+        keys[name] = store.key(task, limit=task_limits.get(name, args.limit), seed=run.LIMIT_SEED,
+                               instruction=instructions.get(name))
+        record = None if args.overwrite else store.finished(name, keys[name])
+        if record is None:
+            pending.append(task)
+        else:
+            finished[name] = record
+    stale = [t.metadata.name for t in pending if store.path(t.metadata.name).is_file()]
+    if stale and not args.overwrite:
+        _log(f"{len(stale)} earlier task result(s) in {store_folder} were made for other weights or settings "
+             f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}): recomputing them")
+    run.prepare_tasks(pending, limit=args.limit, task_limits=task_limits, seed=run.LIMIT_SEED)
+    return {"recipe": recipe, "tasks": tasks, "pending": pending, "finished": finished, "keys": keys,
+            "store": store, "results_dir": results_dir, "task_limits": task_limits,
+            "instructions": instructions, "batch_size": args.batch_size or (eval_cfg.batch_size if eval_cfg else 32),
+            "revision": fingerprint.split(":")[-1][:12]}
 
-        model = EmbeddingModel.load(args.model_dir, device=device)
-        info = {"name": args.name or Path(args.model_dir).resolve().name, "path": str(args.model_dir)}
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_tasks(args: argparse.Namespace, job: dict[str, Any], encoder) -> dict[str, Any]:
+    """Score the pending tasks (each saved as soon as it is scored); the results of all tasks."""
+    from dsembed.evaluation import resume, run
+    from dsembed.evaluation.encoder import MtebEncoder
+
+    tasks, store = job["tasks"], job["store"]
+    place = {t.metadata.name: f"{i}/{len(tasks)}" for i, t in enumerate(tasks, start=1)}
+    name = _model_name(args)
+    # the meta mteb writes with results of tasks finished earlier (the model is not loaded for them)
+    meta_encoder = MtebEncoder(encoder or _NoModel(), {}, name=name, revision=job["revision"])
+    for task in tasks:
+        record = job["finished"].get(task.metadata.name)
+        if record is not None:
+            _log(f"[{place[task.metadata.name]}] {task.metadata.name}: finished earlier "
+                 f"({store.path(task.metadata.name)}), skipped")
+            if job["results_dir"] is not None:
+                resume.save_mteb_result(job["results_dir"], record["mteb_task_result"], meta_encoder, job["batch_size"])
+    layer_weights = run.layer_weight_info(encoder.model) if encoder is not None else None
+
+    def saved(task, entry, task_result):
+        store.save(task.metadata.name, job["keys"][task.metadata.name], entry, task_result, layer_weights)
+        if job["results_dir"] is not None:
+            resume.save_mteb_result(job["results_dir"], task_result, meta_encoder, job["batch_size"])
+
+    computed: dict[str, Any] = {"tasks": {}, "encoding": {"texts": 0, "embedded": 0, "reused": 0}}
+    if job["pending"]:
+        computed = run.evaluate_tasks(encoder, job["pending"], model_name=name, instructions=job["instructions"],
+                                      batch_size=job["batch_size"], show_progress=not args.no_progress, log=_log,
+                                      cache_bytes=int(args.embedding_cache_gb * 2**30), revision=job["revision"],
+                                      on_task=saved, numbering=lambda t: place[t.metadata.name])
+    entries = {}
+    for task in tasks:
+        task_name = task.metadata.name
+        entries[task_name] = computed["tasks"].get(task_name) or job["finished"][task_name]["entry"]
+    if layer_weights is None and job["finished"]:
+        layer_weights = next(iter(job["finished"].values())).get("layer_weights")
+    encoding = dict(computed["encoding"], finished_earlier=sorted(job["finished"]),
+                    texts_per_rank=list(encoder.texts_per_rank) if encoder is not None else [])
+    return {"format": run.RESULTS_FORMAT, "model": {"name": name}, "mteb_version": computed.get("mteb_version"),
+            "created": computed.get("created"), "tasks": entries, "categories": run.category_means(entries),
+            "encoding": encoding, "layer_weights": layer_weights,
+            "ranks": encoder.world if encoder is not None else 1}
+
+
+class _NoModel:
+    """Stands in for the model when every task finished earlier (mteb's meta needs an encoder)."""
+
+    def encode(self, texts, instruction=None, batch_size=32):  # pragma: no cover - never called
+        raise RuntimeError("no model loaded")
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.name:
+        return args.name
+    return f"base-{Path(args.base).stem}" if args.base else Path(args.model_dir).resolve().name
+
+
+def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any]) -> int:
+    """The results JSON (atomically), the table, and the model card."""
+    import datetime
+
+    import mteb
+
+    from dsembed.evaluation.report import format_results_table
+    from dsembed.evaluation.resume import write_atomic
+
+    recipe = job["recipe"]
+    info: dict[str, Any] = {"name": results["model"]["name"]}
+    info.update({"recipe": str(args.base)} if args.base else {"path": str(args.model_dir)})
     if recipe is not None:
         info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode)
-    results = run.evaluate_tasks(model, tasks, model_name=info["name"], instructions=instructions,
-                                 batch_size=batch_size, show_progress=not args.no_progress,
-                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    info["fingerprint"] = job["store"].model
     results["model"] = info
-    results["settings"] = {"batch_size": batch_size, "limit": args.limit, "task_limits": task_limits,
-                           "instructions": instructions}
-    results["layer_weights"] = run.layer_weight_info(model)
+    results["mteb_version"] = mteb.__version__
+    results["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["settings"] = {"batch_size": job["batch_size"], "limit": args.limit, "task_limits": job["task_limits"],
+                           "instructions": job["instructions"], "ranks": results.pop("ranks")}
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     # atomic: dsembed-study treats an existing results file as a finished stage
-    partial = output.with_name(f"{output.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(results), encoding="utf-8")
-    os.replace(partial, output)
+    write_atomic(output, json.dumps(results))
     print(format_results_table(results))
     print(f"results written to {output}")
+    if job["results_dir"] is not None:
+        print(f"mteb results layout written under {job['results_dir']}")
     if args.model_dir:
         from dsembed.model_card import add_results
 

@@ -32,6 +32,7 @@ from dsembed.evaluation.tasks import limit_task
 
 logger = logging.getLogger(__name__)
 RESULTS_FORMAT = "dsembed-eval/1"
+LIMIT_SEED = 42  # the seed of --limit's random subsets (part of a finished task's fingerprint)
 
 
 def category_of(task: AbsTask) -> str:
@@ -89,7 +90,7 @@ def parse_task_limits(pairs: list[str], tasks: list[AbsTask]) -> dict[str, int]:
     return out
 
 
-def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = 42,
+def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = LIMIT_SEED,
                   task_limits: dict[str, int] | None = None) -> None:
     """Load every task's data (before any model is loaded) and apply --limit.
 
@@ -204,61 +205,89 @@ def _main_score(task_result, task: AbsTask) -> tuple[float, dict[str, Any]]:
 
 def evaluate_tasks(model: TextEncoder, tasks: list[AbsTask], *, model_name: str = "model",
                    instructions: dict[str, str] | None = None, batch_size: int = 32,
-                   show_progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   show_progress: bool = False, log: Callable[[str], None] = print,
+                   cache_bytes: int = 0, revision: str = "local",
+                   on_task: Callable[[AbsTask, dict[str, Any], dict[str, Any]], None] | None = None,
+                   numbering: Callable[[AbsTask], str] | None = None) -> dict[str, Any]:
     """Evaluate `model` on loaded mteb tasks; the results dict that evaluate writes as JSON.
 
     Args:
-        model: EmbeddingModel or any object with a matching `encode`.
+        model: EmbeddingModel, a ranks.ShardedEncoder, or any object with a matching `encode`.
         tasks: mteb tasks, ideally already loaded by `prepare_tasks`.
         model_name: recorded in the results and used as the variant name by compare.
         instructions: task name -> query instruction (see `resolve_instructions`).
         batch_size: encode batch size.
         show_progress: passed to the model's encode.
         log: where per-task progress lines go.
+        cache_bytes: memory for embeddings shared between calls and tasks (see encoder.EmbeddingCache).
+        revision: the model revision recorded in mteb's TaskResult meta.
+        on_task: called as on_task(task, entry, mteb_task_result_dict) as soon as a task is scored
+            (dsembed-evaluate writes the task's result file there).
+        numbering: the "[k/N]" label of a task in the progress lines (default: its place in `tasks`).
 
     Returns:
         {"format", "model": {"name"}, "mteb_version", "created", "tasks": {name: {...}},
-         "categories": {category: {"mean", "n_tasks", "tasks"}}} (schema in dsembed/cli/evaluate.py).
+         "categories": {category: {"mean", "n_tasks", "tasks"}},
+         "encoding": {"texts", "embedded", "reused"}} (schema in dsembed/cli/evaluate.py).
     """
     instructions = resolve_instructions(tasks) if instructions is None else instructions
     encoder = MtebEncoder(model, instructions, name=model_name, batch_size=batch_size,
-                          show_progress=show_progress)
+                          show_progress=show_progress, cache_bytes=cache_bytes, revision=revision)
     results: dict[str, Any] = {}
     for number, task in enumerate(tasks, start=1):
         name, category = task.metadata.name, category_of(task)
-        log(f"[{number}/{len(tasks)}] {name} ({category})")
-        items: dict[str, dict] = {}
-        _install_capture(task, category, items)
-        try:
-            with warnings.catch_warnings():
-                # sklearn warns about ill-defined precision on tiny or limited test sets; the study
-                # reads accuracy only.
-                warnings.filterwarnings("ignore", module=r"sklearn\.")
-                # cache=None: mteb's default cache would return stale scores for a reused model name.
-                outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
-                                        encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
-                                        show_progress_bar=False, raise_error=True)
-        finally:
-            _remove_capture(task)  # a task evaluated again (the layer probe) is hooked afresh, not twice
-        main, scores = _main_score(outcome.task_results[0], task)
-        for record in items.values():
-            record.pop("predictions", None)
-        entry = {"category": category, "type": task.metadata.type, "main_metric": MAIN_METRIC[category],
-                 "main_score": main, "split": task.metadata.eval_splits[0],
-                 "instruction": instructions.get(name), "source": str(getattr(task, "task_dir", "mteb")),
-                 "scores": scores, "items": items or None}
-        if items and all(items.values()):
-            entry["items_score"] = item_score(category, items)
-            if not math.isclose(entry["items_score"], main, abs_tol=1e-4):
-                logger.warning("%s: score recomputed from items %.5f differs from mteb's %.5f",
-                               name, entry["items_score"], main)
-        else:
-            entry["items"] = None
+        label = numbering(task) if numbering else f"{number}/{len(tasks)}"
+        log(f"[{label}] {name} ({category})")
+        calls_before = len(encoder.calls)
+        entry, task_result = evaluate_task(encoder, task, instructions, batch_size)
+        calls = encoder.calls[calls_before:]
+        entry["encoding"] = {"texts": sum(c["n"] for c in calls), "embedded": sum(c["embedded"] for c in calls)}
         results[name] = entry
-        log(f"    {MAIN_METRIC[category]} = {main:.4f}")
+        if on_task is not None:
+            on_task(task, entry, task_result)
+        log(f"    {MAIN_METRIC[category]} = {entry['main_score']:.4f} ({entry['encoding']['embedded']} of "
+            f"{entry['encoding']['texts']} texts embedded, the rest repeated or reused)")
     return {"format": RESULTS_FORMAT, "model": {"name": model_name}, "mteb_version": mteb.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tasks": results, "categories": category_means(results)}
+            "tasks": results, "categories": category_means(results),
+            "encoding": {"texts": sum(c["n"] for c in encoder.calls), "embedded": encoder.cache.embedded,
+                         "reused": encoder.cache.reused}}
+
+
+def evaluate_task(encoder: MtebEncoder, task: AbsTask, instructions: dict[str, str],
+                  batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score one loaded task through mteb; (its results entry, mteb's TaskResult as a dict)."""
+    name, category = task.metadata.name, category_of(task)
+    items: dict[str, dict] = {}
+    _install_capture(task, category, items)
+    try:
+        with warnings.catch_warnings():
+            # sklearn warns about ill-defined precision on tiny or limited test sets; the study
+            # reads accuracy only.
+            warnings.filterwarnings("ignore", module=r"sklearn\.")
+            # cache=None: mteb's default cache would return stale scores for a reused model name;
+            # dsembed keeps its own per-task results (evaluation.resume) and writes mteb's layout.
+            outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
+                                    encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
+                                    show_progress_bar=False, raise_error=True)
+    finally:
+        _remove_capture(task)  # a task evaluated again (the layer probe) is hooked afresh, not twice
+    task_result = outcome.task_results[0]
+    main, scores = _main_score(task_result, task)
+    for record in items.values():
+        record.pop("predictions", None)
+    entry = {"category": category, "type": task.metadata.type, "main_metric": MAIN_METRIC[category],
+             "main_score": main, "split": task.metadata.eval_splits[0],
+             "instruction": instructions.get(name), "source": str(getattr(task, "task_dir", "mteb")),
+             "scores": scores, "items": items or None}
+    if items and all(items.values()):
+        entry["items_score"] = item_score(category, items)
+        if not math.isclose(entry["items_score"], main, abs_tol=1e-4):
+            logger.warning("%s: score recomputed from items %.5f differs from mteb's %.5f",
+                           name, entry["items_score"], main)
+    else:
+        entry["items"] = None
+    return entry, task_result.model_dump(mode="json")  # JSON-safe (dates as text); TaskResult.from_dict reads it
 
 
 def category_means(tasks: dict[str, dict]) -> dict[str, dict[str, Any]]:
