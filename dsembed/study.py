@@ -196,6 +196,8 @@ class StudyRunner:
         command = [sys.executable, "-m", "dsembed.cli.evaluate", *target, *tasks, "--name", name,
                    "--output", str(self.out / "results" / f"{name}.json"),
                    "--batch-size", str(self.study.eval_batch_size)]
+        if self.study.nproc > 1:  # the training processes' devices encode in parallel (rank 0 scores)
+            command += ["--nproc", str(self.study.nproc)]
         return command + self._limit_arguments()
 
     def _limit_arguments(self) -> list[str]:

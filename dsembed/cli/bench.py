@@ -5,6 +5,8 @@
     dsembed-bench memory  --model tiny smollm2 --batch-size 8 --output memory.json
     dsembed-bench cached  --model tiny --batch-sizes 32,64,128,256,512,1024 --chunk-size 32 --output cached.json
     dsembed-bench gpu     --shapes mistral-7b qwen2-0.5b --output gpu.json   (CUDA only; skipped otherwise)
+    dsembed-bench eval    [--base RECIPE | --model-dir DIR] --tasks-dir ../shared/data/tasks --limit 64 --ranks 2
+    dsembed-bench eval-plan --preset paper-all --shape mistral-7b [--tokens-per-s X] --output plan.json
 
 Every subcommand prints a markdown table and, with --output, writes JSON:
     {"benchmark", "machine": {cpu, cores, torch, threads, load_average, date, ...}, "quiet_wait",
@@ -70,6 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's bf16 dense peak")
+    s = add("eval", "dsembed-evaluate: 1 rank vs N ranks on the same cores, and the rerun after finish", models=False)
+    s.add_argument("--base", metavar="RECIPE.yaml", help="evaluate this recipe's untrained model (default: "
+                   "recipes/paper/smollm2-135m/model5.yaml)")
+    s.add_argument("--model-dir", metavar="DIR", help="evaluate an exported model instead")
+    s.add_argument("--tasks-dir", default=None, help="local tasks (default: ../shared/data/tasks)")
+    s.add_argument("--limit", type=int, default=64)
+    s.add_argument("--task-limit", action="append", default=[], metavar="TASK=N")
+    s.add_argument("--ranks", type=int, default=2)
+    s.add_argument("--cold", action="store_true", help="also rerun B with --overwrite")
+    s.add_argument("--workdir", default=None, help="where the runs write (default: runs/bench-eval; emptied first)")
+    s = add("eval-plan", "texts, tokens and encoder hours of a task preset on 1 and 8 GPUs (computed)", models=False)
+    s.add_argument("--preset", default="paper-all")
+    s.add_argument("--shape", default="mistral-7b", choices=["mistral-7b", "qwen2-0.5b"])
+    s.add_argument("--tokens-per-s", type=float, default=None, help="encode throughput per GPU (default: derived from --mfu)")
+    s.add_argument("--mfu", type=float, default=0.4)
+    s.add_argument("--peak-tflops", type=float, default=989.4, help="bf16 dense peak of the GPU (H100 SXM: 989.4)")
+    s.add_argument("--chars-per-token", type=float, default=4.0)
+    s.add_argument("--max-length", type=int, default=512)
     return p
 
 
@@ -103,7 +123,22 @@ def main(argv: list[str] | None = None) -> int:
         quiet = wait_for_quiet(args.wait_load, args.max_wait)
     threads = set_threads(args.threads)
     load_before = load_average()
-    if args.command == "gpu":
+    if args.command == "eval":
+        from dsembed.bench.evaluation import EVAL_COLUMNS, bench_eval
+
+        target = [args.model_dir] if args.model_dir else (["--base", args.base] if args.base else None)
+        result = bench_eval(target, args.tasks_dir, args.limit, args.ranks, threads, args.workdir, args.cold,
+                            args.task_limit)
+        result = {"runs": [result] if result.get("rows") else [], "rows": result.get("rows", []),
+                  "columns": EVAL_COLUMNS, **({"skipped": result["skipped"]} if "skipped" in result else {})}
+    elif args.command == "eval-plan":
+        from dsembed.bench.evaluation import PLAN_COLUMNS, eval_plan
+
+        plan = eval_plan(args.preset, args.shape, args.tokens_per_s, args.mfu, args.peak_tflops,
+                         args.chars_per_token, args.max_length)
+        print(f"encode throughput per GPU: {plan['tokens_per_s_per_gpu']:,.0f} tokens/s ({plan['throughput_source']})")
+        result = {"runs": [plan], "rows": plan["rows"], "columns": PLAN_COLUMNS}
+    elif args.command == "gpu":
         from dsembed.bench.gpu import GPU_COLUMNS, bench_gpu
 
         result = bench_gpu(args.shapes, args.poolings, args.seq_len, args.batch_size, args.warmup, args.steps,
@@ -121,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result.pop("columns", None)
     for run in result.get("runs", []):
-        for key in ("ratio_samples_per_s", "ratio_deepspeed_samples_per_s", "ratio_texts_per_s", "ratio_min_time",
+        for key in ("ratio_ranks_vs_one", "ratio_rerun_vs_first", "ratio_samples_per_s", "ratio_deepspeed_samples_per_s", "ratio_texts_per_s", "ratio_min_time",
                     "ratio_at_256"):
             if run.get(key) is not None:
                 print(f"{run['config']['model']}: {key} = {run[key]:.3f}")

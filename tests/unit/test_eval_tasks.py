@@ -205,3 +205,31 @@ def test_integer_labels_stay_integers_for_binary_tasks(tmp_path):
     assert named.dataset["train"]["label"] == ["1", "x"]  # mixed labels all become strings
     result = run.evaluate_tasks(HashEncoder(64), [binary], log=lambda _: None)["tasks"]["Binary"]
     assert result["main_score"] > 0.9 and result["items_score"] == pytest.approx(result["main_score"], abs=1e-4)
+
+
+def test_texts_shared_between_tasks_are_embedded_once(task_root, tmp_path):
+    """A corpus used by two retrieval tasks is embedded once per run; the scores do not change."""
+    import shutil
+
+    root = tmp_path / "tasks"
+    shutil.copytree(task_root / "retrieval" / "TinyRetrieval", root / "retrieval" / "TinyRetrieval")
+    shutil.copytree(task_root / "retrieval" / "TinyRetrieval", root / "retrieval" / "TinyRetrievalAgain")
+    shutil.copytree(task_root / "sts" / "TinySTS", root / "sts" / "TinySTS")
+    scores = {}
+    for budget in (0, 1 << 20):
+        tasks = load_local_tasks(root)
+        run.prepare_tasks(tasks)
+        model = HashEncoder()
+        results = run.evaluate_tasks(model, tasks, model_name="hash", log=lambda _: None, cache_bytes=budget,
+                                     instructions={})  # no instructions: both tasks' queries read the same too
+        scores[budget] = {n: e["main_score"] for n, e in results["tasks"].items()}
+        embedded = sum(n for _, n in model.calls)
+        if budget:
+            # the second task's 16 documents and 8 queries come from the cache
+            assert results["tasks"]["TinyRetrievalAgain"]["encoding"]["embedded"] == 0
+            assert results["encoding"]["reused"] >= 24
+            assert embedded == results["encoding"]["embedded"] == without_cache - 24
+        else:
+            assert results["encoding"]["reused"] == 0
+            without_cache = embedded
+    assert scores[0] == scores[1 << 20]
