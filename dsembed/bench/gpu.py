@@ -71,8 +71,37 @@ def _recipe(shape: str, pooling: str, batch: int, seq_len: int) -> Any:
     return recipe_from_dict(data, f"<bench:gpu:{shape}>")
 
 
+def _encode_speed(engine: Any, cfg: dict[str, Any], matmul_params: int, input_ids: Any, attention_mask: Any,
+                  warmup: int, steps: int, sync: Any) -> dict[str, float]:
+    """Evaluation's forward (no_grad, eval mode, the engine's bf16 weights): median tokens/s and FLOP/s.
+
+    Forward FLOPs per token = 2 N + 4 L D T (a third of the training convention's 6 N + 12 L D T).
+    """
+    import torch
+
+    model = engine.module
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # [B, T]
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            model(input_ids, attention_mask)  # [B, D]
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    model.train()
+    times.sort()
+    tokens = input_ids.numel()
+    flops_per_token = 2 * matmul_params + 4 * cfg["num_hidden_layers"] * cfg["hidden_size"] * input_ids.shape[1]
+    seconds = times[len(times) // 2]
+    return {"tokens_per_s": tokens / seconds, "flops_per_s": flops_per_token * tokens / seconds}
+
+
 def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, steps: int) -> dict[str, Any]:
-    """One configuration in this process (CUDA required). Returns the measurements."""
+    """One configuration in this process (CUDA required). Returns the measurements, training and
+    encoding (a forward of 8 x batch texts, as evaluation runs it)."""
     import torch
 
     from dsembed.engine import Engine, shutdown_distributed
@@ -80,6 +109,7 @@ def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, ste
     from dsembed.modeling import build_model
 
     recipe = _recipe(shape, pooling, batch, seq_len)
+    encode_batch = 8 * batch
     torch.manual_seed(0)
     engine = Engine.create(recipe, lambda: build_model(recipe))
     model = engine.module
@@ -117,6 +147,7 @@ def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, ste
             times.append(time.perf_counter() - start)
         times.sort()
         step_s = times[len(times) // 2]
+        encode = _encode_speed(engine, cfg, matmul_params, ids(encode_batch), ones(encode_batch), warmup, steps, sync)
         tokens = 3 * batch * seq_len
         flops_per_token = 6 * matmul_params + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq_len
         name = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -129,7 +160,10 @@ def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, ste
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
                 "params_backbone": backbone_params, "params_head": head_params, "params_lora": lora_params,
                 "params_matmul": matmul_params, "model_tflops_per_s": achieved / 1e12,
-                "peak_tflops": None if peak is None else peak / 1e12, "mfu": None if peak is None else achieved / peak}
+                "peak_tflops": None if peak is None else peak / 1e12, "mfu": None if peak is None else achieved / peak,
+                "encode_batch": encode_batch, "encode_tokens_per_s": encode["tokens_per_s"],
+                "encode_tflops_per_s": encode["flops_per_s"] / 1e12,
+                "encode_mfu": None if peak is None else encode["flops_per_s"] / peak}
     finally:
         shutdown_distributed()
 
@@ -170,7 +204,7 @@ def bench_gpu(shapes: list[str], poolings: list[str], seq_len: int, batch: int |
 
 
 GPU_COLUMNS = ["shape", "pooling", "gpu", "batch", "seq_len", "step_s", "tokens_per_s", "peak_memory_gib",
-               "model_tflops_per_s", "mfu"]
+               "model_tflops_per_s", "mfu", "encode_tokens_per_s", "encode_mfu"]
 
 
 def _main(argv: list[str]) -> int:

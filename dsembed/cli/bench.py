@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("ratio_ranks_vs_one", "ratio_rerun_vs_first", "ratio_samples_per_s", "ratio_deepspeed_samples_per_s", "ratio_texts_per_s", "ratio_min_time",
                     "ratio_at_256"):
             if run.get(key) is not None:
-                print(f"{run['config']['model']}: {key} = {run[key]:.3f}")
+                print(f"{run['config'].get('model', args.command)}: {key} = {run[key]:.3f}")
         if "ratios" in run:
             for mode, r in run["ratios"].items():
                 print(f"{run['config']['model']} {mode}: multi-layer (taps) / last-token = {r['taps_vs_last_token']:.3f}, "

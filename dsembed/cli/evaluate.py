@@ -209,12 +209,13 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
 
     output = Path(args.output)
     store_folder = resume.TaskStore.for_output(output)
+    model_files = None
     if args.base:
         fingerprint = "recipe:" + hashlib.sha256(json.dumps(recipe_fingerprint(recipe), sort_keys=True,
                                                             default=str).encode()).hexdigest()
     else:
-        fingerprint = resume.model_fingerprint(Path(args.model_dir), store_folder, output)
-    store = resume.TaskStore(store_folder, fingerprint)
+        fingerprint, model_files = resume.model_fingerprint(Path(args.model_dir), store_folder, output)
+    store = resume.TaskStore(store_folder, fingerprint, model_files)
     keys, finished, pending = {}, {}, []
     for task in tasks:
         name = task.metadata.name
@@ -242,6 +243,7 @@ def _log(line: str) -> None:
 
 def _run_tasks(args: argparse.Namespace, job: dict[str, Any], encoder) -> dict[str, Any]:
     """Score the pending tasks (each saved as soon as it is scored); the results of all tasks."""
+    from dsembed import distributed
     from dsembed.evaluation import resume, run
     from dsembed.evaluation.encoder import MtebEncoder
 
@@ -255,7 +257,8 @@ def _run_tasks(args: argparse.Namespace, job: dict[str, Any], encoder) -> dict[s
         if record is not None:
             _log(f"[{place[task.metadata.name]}] {task.metadata.name}: finished earlier "
                  f"({store.path(task.metadata.name)}), skipped")
-            if job["results_dir"] is not None:
+            if job["results_dir"] is not None and not resume.mteb_result_path(
+                    job["results_dir"], task.metadata.name, meta_encoder).is_file():
                 resume.save_mteb_result(job["results_dir"], record["mteb_task_result"], meta_encoder, job["batch_size"])
     layer_weights = run.layer_weight_info(encoder.model) if encoder is not None else None
 
@@ -281,7 +284,7 @@ def _run_tasks(args: argparse.Namespace, job: dict[str, Any], encoder) -> dict[s
     return {"format": run.RESULTS_FORMAT, "model": {"name": name}, "mteb_version": computed.get("mteb_version"),
             "created": computed.get("created"), "tasks": entries, "categories": run.category_means(entries),
             "encoding": encoding, "layer_weights": layer_weights,
-            "ranks": encoder.world if encoder is not None else 1}
+            "ranks": distributed.world_size()}
 
 
 class _NoModel:

@@ -3,9 +3,9 @@
 Who runs what, in one evaluation of N ranks (torchrun, the deepspeed launcher, or `dsembed-evaluate
 --nproc N`, which starts the N local ranks itself through torch's elastic launcher):
 - rank 0 loads the tasks, runs mteb and scores, exactly as a one-process evaluation does. Its encoder
-  is a `ShardedEncoder`: every encode call is split by text length over the ranks (scatter), each
-  rank embeds its share with the model's own token-budget batching, and rank 0 reassembles the rows
-  (gather). Scoring needs every embedding in one place, and mteb's scorers are cheap next to the
+  is a `ShardedEncoder`: the batches a single process would run for an encode call (the model's
+  `batch_plan`) are dealt whole to the ranks (scatter), each rank embeds its share, which the
+  model batches exactly as planned, and rank 0 puts the rows back in input order (gather). Scoring needs every embedding in one place, and mteb's scorers are cheap next to the
   encoder, so the other ranks wait while rank 0 scores.
 - ranks 1..N-1 load the same model on their own device and `serve` encode requests until rank 0
   sends the stop request (also on error: rank 0 always stops them before it exits).
@@ -104,14 +104,16 @@ class ShardedEncoder:
         if self.world == 1:
             self.texts_per_rank[0] += len(texts)
             return _encode(self.model, list(texts), instruction, batch_size, show_progress)
-        # Longest first, dealt round-robin: every rank gets the same mix of lengths, so all finish
-        # together, and each exchange holds texts of similar length (little padding).
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        parts: list[np.ndarray] = []
-        step = TEXTS_PER_EXCHANGE * self.world
-        for start in range(0, len(order), step):
-            block = order[start:start + step]
-            shares = [block[r::self.world] for r in range(self.world)]
+        # The single process's batches (the model's own plan: by token count, longest first), dealt
+        # whole and round-robin: every rank gets the same mix of lengths, and every batch has the
+        # shape it has in a one-rank run, so the embeddings are the same (bit for bit on one device
+        # type with the same kernels and thread count).
+        plan = _batch_plan(self.model, texts, instruction, batch_size)
+        out: np.ndarray | None = None
+        step = max(1, TEXTS_PER_EXCHANGE // max(1, batch_size)) * self.world  # batches per exchange
+        for start in range(0, len(plan), step):
+            block = plan[start:start + step]
+            shares = [[i for batch in block[rank::self.world] for i in batch] for rank in range(self.world)]
             requests = [{"texts": [texts[i] for i in share], "instruction": instruction, "batch_size": batch_size}
                         for share in shares]
             mine: list[Any] = [None]
@@ -119,15 +121,12 @@ class ShardedEncoder:
             own = _encode(self.model, mine[0]["texts"], instruction, batch_size, show_progress)  # [n0, D]
             gathered: list[Any] = [None] * self.world
             dist.gather_object(own, gathered, dst=0)
-            rows = np.empty((len(block), own.shape[1]), dtype=np.float32)  # [b, D], block order
+            if out is None:
+                out = np.empty((len(texts), own.shape[1]), dtype=np.float32)  # [N, D]
             for rank, share in enumerate(shares):
-                rows[rank::self.world] = gathered[rank]
+                out[share] = gathered[rank]  # [n_rank, D] rows back to their input positions
                 self.texts_per_rank[rank] += len(share)
-            parts.append(rows)
-        out = np.empty((len(texts), parts[0].shape[1] if parts else 0), dtype=np.float32)  # [N, D]
-        if parts:
-            out[order] = np.concatenate(parts)
-        return out
+        return out if out is not None else np.zeros((0, _dim(self.model)), dtype=np.float32)
 
     def close(self) -> None:
         """Release the serving ranks (rank 0, once, also after an error)."""
@@ -157,6 +156,15 @@ def serve(model: TextEncoder) -> int:
         rows = _encode(model, request["texts"], request["instruction"], request["batch_size"], False)
         dist.gather_object(rows, None, dst=0)
         done += len(request["texts"])
+
+
+def _batch_plan(model: TextEncoder, texts: Sequence[str], instruction: str | None,
+                batch_size: int) -> list[list[int]]:
+    """The model's own batches (EmbeddingModel.batch_plan), or by character count for a stand-in."""
+    if hasattr(model, "batch_plan"):
+        return model.batch_plan(texts, instruction, batch_size)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _encode(model: TextEncoder, texts: list[str], instruction: str | None, batch_size: int,

@@ -93,9 +93,10 @@ class TaskStore:
             another model are never returned.
     """
 
-    def __init__(self, folder: Path, model: str) -> None:
+    def __init__(self, folder: Path, model: str, model_files: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.model = model
+        self._model_files = model_files  # written to model.json with the first result
 
     @staticmethod
     def for_output(output: Path) -> Path:
@@ -125,16 +126,22 @@ class TaskStore:
     def save(self, name: str, key: dict[str, Any], entry: dict[str, Any], task_result: dict[str, Any],
              layer_weights: dict[str, list] | None) -> Path:
         """Record a scored task (atomically)."""
+        if self._model_files is not None:
+            write_atomic(self.folder / "model.json", json.dumps(self._model_files))
+            self._model_files = None
         path = self.path(name)
         write_atomic(path, json.dumps({"key": key, "entry": entry, "mteb_task_result": task_result,
                                        "layer_weights": layer_weights}))
         return path
 
 
-def model_fingerprint(model_dir: Path, store_folder: Path, output: Path) -> str:
-    """The weights' fingerprint of an exported model folder (hash table cached in the store folder).
+def model_fingerprint(model_dir: Path, store_folder: Path, output: Path) -> tuple[str, dict[str, Any] | None]:
+    """The weights' fingerprint of an exported model folder, and the file table to cache.
 
-    The results file and the store folder are left out when they lie inside the model folder.
+    The file hashes are read from the store folder's model.json when size and mtime still match;
+    the returned table (None when unchanged) is for `TaskStore(..., model_files=...)`, which writes
+    it with the first result, so a run refused later leaves nothing behind. The results file and
+    the store folder are left out when they lie inside the model folder.
     """
     skip = set(_WRITTEN_BY_EVALUATION)
     for written in (output, store_folder):
@@ -150,15 +157,21 @@ def model_fingerprint(model_dir: Path, store_folder: Path, output: Path) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError):
             known = None
     digest, table = folder_fingerprint(model_dir, known, skip)
-    if table != known:
-        write_atomic(table_path, json.dumps({"folder": str(model_dir.resolve()), "files": table}))
-    return f"sha256:{digest}"
+    changed = {"folder": str(model_dir.resolve()), "files": table} if table != known else None
+    return f"sha256:{digest}", changed
 
 
 def check_results_dir(results_dir: Path | None) -> None:
     """UserError when --results-dir names something that is not a folder."""
     if results_dir is not None and results_dir.exists() and not results_dir.is_dir():
         raise UserError(f"--results-dir {results_dir} is a file; give a folder for mteb's results layout")
+
+
+def mteb_result_path(results_dir: Path, task_name: str, encoder: Any) -> Path:
+    """Where mteb's layout keeps `task_name`'s result for this encoder's model name and revision."""
+    from mteb.cache import ResultCache
+
+    return ResultCache(results_dir).get_task_result_path(task_name, encoder.mteb_model_meta)
 
 
 def save_mteb_result(results_dir: Path, task_result: dict[str, Any], encoder: Any,

@@ -134,30 +134,45 @@ class EmbeddingModel(nn.Module):
             out[idx] = self(input_ids, attention_mask).float().cpu().numpy()  # [b, D]
         return out
 
+    def batch_plan(self, texts: Sequence[str], instruction: str | None = None,
+                   batch_size: int = 32) -> list[list[int]]:
+        """The positions of `texts` in each batch `encode` makes: by token count, longest first.
+
+        The sort is stable, so a list that is already in this order (the concatenation of some of
+        the batches, as data-parallel evaluation deals them to a rank) is batched the same way again:
+        every rank then runs exactly the batches a single process would.
+        """
+        return self._plan(self._token_ids(texts, instruction), batch_size)
+
+    def _token_ids(self, texts: Sequence[str], instruction: str | None) -> list[list[int]]:
+        m = self.recipe.model
+        return token_ids(self.tokenizer, [self.format_query(t, instruction) for t in texts], m.max_length, m.append_eos)
+
+    @staticmethod
+    def _plan(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
     def length_batches(self, texts: Sequence[str], instruction: str | None = None, batch_size: int = 32,
                        show_progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """Tokenize once and yield padded batches in order of token count, in eval mode.
+        """Tokenize once and yield padded batches in order of token count (`batch_plan`), in eval mode.
 
         Yields:
             (positions of the batch's texts in `texts`, input_ids [b, T], attention_mask [b, T]) on
             the model's device.
         """
-        texts = [self.format_query(t, instruction) for t in texts]
-        m = self.recipe.model
-        ids = token_ids(self.tokenizer, texts, m.max_length, m.append_eos)
+        ids = self._token_ids(texts, instruction)
         pad = pad_id(self.tokenizer)
-        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        plan = self._plan(ids, batch_size)
         was_training = self.training
         self.eval()
         device = self.device
-        starts = range(0, len(order), batch_size)
         if show_progress:
             from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="encode", unit="batch")
+            plan = tqdm(plan, desc="encode", unit="batch")
         try:
-            for start in starts:
-                idx = order[start:start + batch_size]
-                batch = pad_token_ids([ids[i] for i in idx], pad, m.padding_side)
+            for idx in plan:
+                batch = pad_token_ids([ids[i] for i in idx], pad, self.recipe.model.padding_side)
                 yield idx, batch["input_ids"].to(device), batch["attention_mask"].to(device)
         finally:
             self.train(was_training)

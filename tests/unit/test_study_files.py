@@ -75,6 +75,8 @@ def test_launch_commands(tmp_path):
         assert " ".join(head) in joined and command[-2:] == [str(root / "r.yaml"), "train.max_steps=1"]
     runner = StudyRunner(study, root, tmp_path / "out")
     assert runner.tasks_arguments() == ["--tasks-dir", str(root / "t")]
+    evaluate = runner._evaluate_command(["m"], "a", ["--tasks-dir", "T"])
+    assert evaluate[evaluate.index("--nproc") + 1] == "2"  # the study's ranks share the encoding
 
 
 def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(tmp_path):
@@ -89,6 +91,7 @@ def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(t
     runner = StudyRunner(study, root, tmp_path / "out")
     evaluate = runner._evaluate_command(["m"], "top4", ["--tasks-dir", "T"])
     assert evaluate[evaluate.index("--limit") + 1] == str(study.eval_limit)
+    assert "--nproc" not in evaluate  # one process: no ranks to start
     assert f"SciFact={study.eval_limits['SciFact']}" in evaluate
     probe = runner._probe_command(["--tasks-dir", "T"])
     assert probe[2] == "dsembed.cli.probe_layers" and probe[3].endswith("paper/smollm2-135m/model1.yaml")
