@@ -73,7 +73,8 @@ def _item_values(entry: dict[str, Any]) -> tuple[list[float], list[Any]]:
         else:
             ids += list(record.get("gold", [])) + list(record.get("query_ids", []))
         for one in record.get("sets", []):
-            values += [float(x) for x in one["clusters"]]
+            first_seen: dict[int, int] = {}  # the same partition under other cluster numbers is the same result
+            values += [float(first_seen.setdefault(c, len(first_seen))) for c in one["clusters"]]
             ids += list(one["labels"])
     return values, ids
 
@@ -81,7 +82,8 @@ def _item_values(entry: dict[str, Any]) -> tuple[list[float], list[Any]]:
 def differences(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
     """(largest |main score difference|, largest |per-item difference|) between two results files.
 
-    Clustering assignments are compared as numbers: any relabelling counts as a difference.
+    Clustering assignments are compared as partitions (clusters renumbered in order of first
+    appearance): k-means may number the same clusters differently; any moved item counts.
     """
     main = item = 0.0
     for name, entry in a["tasks"].items():

@@ -105,15 +105,15 @@ class ShardedEncoder:
             self.texts_per_rank[0] += len(texts)
             return _encode(self.model, list(texts), instruction, batch_size, show_progress)
         # The single process's batches (the model's own plan: by token count, longest first), dealt
-        # whole and round-robin: every rank gets the same mix of lengths, and every batch has the
-        # shape it has in a one-rank run, so the embeddings are the same (bit for bit on one device
-        # type with the same kernels and thread count).
+        # whole, so every batch has the shape it has in a one-rank run and the embeddings are the
+        # same (bit for bit with the same kernels). Each batch goes to the rank with the least work
+        # so far (longest first: the LPT rule), and a rank's batches stay in plan order, which its
+        # own `encode` batches exactly as planned.
         plan = _batch_plan(self.model, texts, instruction, batch_size)
         out: np.ndarray | None = None
         step = max(1, TEXTS_PER_EXCHANGE // max(1, batch_size)) * self.world  # batches per exchange
         for start in range(0, len(plan), step):
-            block = plan[start:start + step]
-            shares = [[i for batch in block[rank::self.world] for i in batch] for rank in range(self.world)]
+            shares = _deal(plan[start:start + step], texts, self.world)
             requests = [{"texts": [texts[i] for i in share], "instruction": instruction, "batch_size": batch_size}
                         for share in shares]
             mine: list[Any] = [None]
@@ -156,6 +156,20 @@ def serve(model: TextEncoder) -> int:
         rows = _encode(model, request["texts"], request["instruction"], request["batch_size"], False)
         dist.gather_object(rows, None, dst=0)
         done += len(request["texts"])
+
+
+def _deal(batches: list[list[int]], texts: Sequence[str], world: int) -> list[list[int]]:
+    """Text positions per rank: whole batches, each to the least-loaded rank, in plan order.
+
+    A batch's work is estimated as its size times its longest text in characters (the padded width).
+    """
+    load = [0] * world
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for batch in batches:
+        rank = min(range(world), key=load.__getitem__)
+        load[rank] += len(batch) * max(len(texts[i]) for i in batch)
+        shares[rank].extend(batch)
+    return shares
 
 
 def _batch_plan(model: TextEncoder, texts: Sequence[str], instruction: str | None,

@@ -89,6 +89,23 @@ def test_encode_batches_by_token_count(tiny_recipe):
     np.testing.assert_allclose(out, np.concatenate([model.encode([t]) for t in texts]), atol=1e-5)
 
 
+def test_batches_dealt_to_ranks_are_batched_again_as_planned(tiny_recipe):
+    """Data-parallel evaluation deals whole batches of `batch_plan` to ranks: a rank's share, encoded
+    on its own, runs the same batches and gives the same rows bit for bit."""
+    model = build_model(tiny_recipe("llama", {"type": "multi_layer_attention", "layers": "all"}, "bidirectional"))
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 40, size=23)] + ["same length"] * 4  # ties too
+    plan = model.batch_plan(texts, "Find it", batch_size=4)
+    assert sorted(i for batch in plan for i in batch) == list(range(len(texts)))
+    full = model.encode(texts, instruction="Find it", batch_size=4)  # [27, D]
+    for rank in range(3):
+        share = [i for batch in plan[rank::3] for i in batch]
+        again = model.batch_plan([texts[i] for i in share], "Find it", batch_size=4)
+        assert again == [list(range(start, min(start + 4, len(share)))) for start in range(0, len(share), 4)]
+        rows = model.encode([texts[i] for i in share], instruction="Find it", batch_size=4)
+        assert np.array_equal(rows, full[share])
+
+
 def test_gradient_checkpointing_gives_same_gradients(tiny_recipe):
     torch.manual_seed(0)
     model = build_model(tiny_recipe("mistral", MULTI, "bidirectional", lora=True, gradient_checkpointing=True, layers=3))
