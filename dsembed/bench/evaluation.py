@@ -205,9 +205,9 @@ def eval_plan(preset: str, shape_name: str, tokens_per_s: float | None, mfu: flo
     for category, total in list(per_category.items()) + [("all", {
             "tasks": len(tasks), **{k: sum(c[k] for c in per_category.values()) for k in ("texts", "unique_texts", "tokens")}})]:
         hours = {n: total["tokens"] / tokens_per_s / n / 3600 for n in gpus}
-        rows.append({"category": category, "tasks": total["tasks"], "texts": f"{total['texts'] / 1e6:.2f} M",
-                     "unique_texts": f"{total['unique_texts'] / 1e6:.2f} M", "tokens_est": f"{total['tokens'] / 1e9:.2f} B",
-                     "hours_1_gpu": f"{hours[gpus[0]]:.1f}", "hours_8_gpus": f"{hours[gpus[-1]]:.2f}"})
+        rows.append({"category": category, "tasks": total["tasks"], "texts": f"{total['texts']:,.0f}",
+                     "unique_texts": f"{total['unique_texts']:,.0f}", "tokens_est": f"{total['tokens'] / 1e6:,.1f} M",
+                     "hours_1_gpu": f"{hours[gpus[0]]:.2f}", "hours_8_gpus": f"{hours[gpus[-1]]:.2f}"})
     return {"config": {"preset": preset, "shape": shape_name, "chars_per_token": chars_per_token,
                        "max_length": max_length, "gpus": list(gpus), "tasks": len(PRESETS.get(preset, [preset]))},
             "tokens_per_s_per_gpu": tokens_per_s, "throughput_source": source,
