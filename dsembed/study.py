@@ -195,6 +195,7 @@ class StudyRunner:
     def _evaluate_command(self, target: list[str], name: str, tasks: list[str]) -> list[str]:
         command = [sys.executable, "-m", "dsembed.cli.evaluate", *target, *tasks, "--name", name,
                    "--output", str(self.out / "results" / f"{name}.json"),
+                   "--results-dir", str(self.out / "mteb-results"),  # mteb's own layout, beside dsembed's
                    "--batch-size", str(self.study.eval_batch_size)]
         if self.study.nproc > 1:  # the training processes' devices encode in parallel (rank 0 scores)
             command += ["--nproc", str(self.study.nproc)]

@@ -92,6 +92,7 @@ def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(t
     evaluate = runner._evaluate_command(["m"], "top4", ["--tasks-dir", "T"])
     assert evaluate[evaluate.index("--limit") + 1] == str(study.eval_limit)
     assert "--nproc" not in evaluate  # one process: no ranks to start
+    assert evaluate[evaluate.index("--results-dir") + 1] == str(tmp_path / "out" / "mteb-results")
     assert f"SciFact={study.eval_limits['SciFact']}" in evaluate
     probe = runner._probe_command(["--tasks-dir", "T"])
     assert probe[2] == "dsembed.cli.probe_layers" and probe[3].endswith("paper/smollm2-135m/model1.yaml")
