@@ -7,12 +7,12 @@ the Hugging Face hub's `model-index` metadata (front matter) and a results table
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dsembed.atomic import write_text_atomic
 from dsembed.config import Recipe
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -125,14 +125,14 @@ def add_results(folder: str | Path, results: dict[str, Any]) -> Path | None:
     for task, record in results["tasks"].items():
         saved["tasks"][task] = {k: record.get(k) for k in ("category", "type", "main_metric", "main_score", "split")}
         saved["tasks"][task]["mteb_version"] = results.get("mteb_version")
-    _atomic_write(store, json.dumps(saved, indent=2) + "\n")
+    write_text_atomic(store, json.dumps(saved, indent=2) + "\n")
     front, body = text[4:].split("\n---\n", 1)
     meta = yaml.safe_load(front) or {}
     meta["model-index"] = [{"name": folder.resolve().name, "results": [_hub_entry(task, r) for task, r in saved["tasks"].items()]}]
     if _RESULTS_START in body:
         body = body[:body.index(_RESULTS_START)] + body[body.index(_RESULTS_END) + len(_RESULTS_END):].lstrip("\n")
     body = body.rstrip("\n") + "\n\n" + _results_table(saved["tasks"]) + "\n"
-    _atomic_write(readme, "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n" + body)
+    write_text_atomic(readme, "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n" + body)
     return readme
 
 
@@ -149,8 +149,3 @@ def _results_table(tasks: dict[str, dict[str, Any]]) -> str:
     return "\n".join([_RESULTS_START, "## Evaluation (dsembed-evaluate, mteb)", "",
                       "| task | category | metric | score x100 |", "|---|---|---|---:|", *rows, _RESULTS_END])
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dsembed import distributed as dist
+from dsembed.atomic import write_text_atomic
 from dsembed.config import Recipe
 from dsembed.errors import RecipeError
 
@@ -95,9 +96,7 @@ class PeriodicEval:
         """best.json on rank 0 (written to a temporary file and os.replace'd)."""
         if self.best is None or not dist.is_main():
             return
-        partial = output_dir / f"{BEST_FILE}.tmp"
-        partial.write_text(json.dumps(self.best, indent=1) + "\n", encoding="utf-8")
-        os.replace(partial, output_dir / BEST_FILE)
+        write_text_atomic(output_dir / BEST_FILE, json.dumps(self.best, indent=1) + "\n")
 
     def resume(self, output_dir: Path, step: int) -> None:
         """Take up the best score recorded before a restart from `step` (read on every rank alike).

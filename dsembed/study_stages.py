@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsembed.atomic import write_text_atomic
 from dsembed.config import Recipe
 
 LEDGER = "stages.json"
@@ -122,10 +123,7 @@ class StageLedger:
 
     def _write(self) -> None:
         """stages.json, written to a temporary file and os.replace'd."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f"{LEDGER}.tmp")
-        partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(partial, self.path)
+        write_text_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
 
 
 def _plain(fingerprint: dict[str, Any]) -> dict[str, Any]:

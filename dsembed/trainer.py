@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dsembed import distributed as dist
+from dsembed.atomic import write_text_atomic
 from dsembed.config import Recipe
 from dsembed.errors import CheckpointError, RecipeError, TrainingError, UserError
 from dsembed.gradcache import BatchStats, cached_backward, plain_backward
@@ -112,9 +113,7 @@ def _prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         for stale in (out / "checkpoints").glob("tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a save interrupted before its rename
-        tmp = out / "recipe.yaml.tmp"
-        tmp.write_text(recipe.to_yaml(), encoding="utf-8")
-        os.replace(tmp, out / "recipe.yaml")
+        write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
     dist.barrier()
 
 
@@ -144,9 +143,7 @@ def _drop_logs_after(out: Path, step: int) -> None:
     if metrics.is_file():
         rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        partial = out / "metrics.jsonl.tmp"
-        partial.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
-        os.replace(partial, metrics)
+        write_text_atomic(metrics, "".join(row + "\n" for row in rows))
     if (out / "tensorboard").is_dir():
         drop_events_after(out / "tensorboard", step)
 

@@ -242,8 +242,8 @@ def _log(line: str) -> None:
 
 
 def _run_tasks(args: argparse.Namespace, job: dict[str, Any], encoder) -> dict[str, Any]:
-    """Score the pending tasks (each saved as soon as it is scored); the results of all tasks."""
-    from dsembed import distributed
+    """Score the pending tasks (each saved as soon as it is scored); the results of all tasks
+    (`_write` adds the model record, the settings and the time)."""
     from dsembed.evaluation import resume, run
     from dsembed.evaluation.encoder import MtebEncoder
 
@@ -281,10 +281,8 @@ def _run_tasks(args: argparse.Namespace, job: dict[str, Any], encoder) -> dict[s
         layer_weights = next(iter(job["finished"].values())).get("layer_weights")
     encoding = dict(computed["encoding"], finished_earlier=sorted(job["finished"]),
                     texts_per_rank=list(encoder.texts_per_rank) if encoder is not None else [])
-    return {"format": run.RESULTS_FORMAT, "model": {"name": name}, "mteb_version": computed.get("mteb_version"),
-            "created": computed.get("created"), "tasks": entries, "categories": run.category_means(entries),
-            "encoding": encoding, "layer_weights": layer_weights,
-            "ranks": distributed.world_size()}
+    return {"format": run.RESULTS_FORMAT, "tasks": entries, "categories": run.category_means(entries),
+            "encoding": encoding, "layer_weights": layer_weights}
 
 
 class _NoModel:
@@ -307,10 +305,12 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     import mteb
 
     from dsembed.evaluation.report import format_results_table
-    from dsembed.evaluation.resume import write_atomic
+    from dsembed.atomic import write_text_atomic
+
+    from dsembed import distributed
 
     recipe = job["recipe"]
-    info: dict[str, Any] = {"name": results["model"]["name"]}
+    info: dict[str, Any] = {"name": _model_name(args)}
     info.update({"recipe": str(args.base)} if args.base else {"path": str(args.model_dir)})
     if recipe is not None:
         info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode)
@@ -319,10 +319,10 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     results["mteb_version"] = mteb.__version__
     results["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results["settings"] = {"batch_size": job["batch_size"], "limit": args.limit, "task_limits": job["task_limits"],
-                           "instructions": job["instructions"], "ranks": results.pop("ranks")}
+                           "instructions": job["instructions"], "ranks": distributed.world_size()}
     output = Path(args.output)
     # atomic: dsembed-study treats an existing results file as a finished stage
-    write_atomic(output, json.dumps(results))
+    write_text_atomic(output, json.dumps(results))
     print(format_results_table(results))
     print(f"results written to {output}")
     if job["results_dir"] is not None:

@@ -11,7 +11,6 @@ Shapes: N texts, L layers, D hidden size.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from mteb.abstasks import AbsTask
 
+from dsembed.atomic import write_text_atomic
 from dsembed.evaluation.presets import CATEGORIES
 from dsembed.evaluation.run import category_of, evaluate_tasks
 from dsembed.modeling.backbone import num_decoder_layers
@@ -140,7 +140,5 @@ def write_probe(result: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(png, dpi=120)
     plt.close(fig)
     path = out_dir / "layers.json"
-    partial = path.with_name(f"layers.json.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    os.replace(partial, path)  # last: dsembed-study treats layers.json as a finished probe
+    write_text_atomic(path, json.dumps(result, indent=1))  # last: dsembed-study treats layers.json as a finished probe
     return [path, png]

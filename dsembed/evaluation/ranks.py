@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -79,21 +78,17 @@ def stop_ranks() -> None:
         dist.destroy_process_group()
 
 
-@dataclass
 class ShardedEncoder:
     """Rank 0's `encode`: the texts of each call shared out over all ranks, the rows gathered back.
 
     Args:
         model: rank 0's own model (EmbeddingModel or any TextEncoder).
-        texts_per_rank: running count of texts each rank embedded (for the results' `encoding` record).
     """
 
-    model: TextEncoder
-    texts_per_rank: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, model: TextEncoder) -> None:
+        self.model = model
         self.world = distributed.world_size() if dist.is_initialized() else 1
-        self.texts_per_rank = [0] * self.world
+        self.texts_per_rank = [0] * self.world  # texts each rank embedded (the results' `encoding` record)
 
     @property
     def dim(self) -> int | None:

@@ -18,26 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import mteb
 from mteb.abstasks import AbsTask
 
+from dsembed.atomic import write_text_atomic
 from dsembed.errors import UserError
 
 # Files `dsembed-evaluate MODEL_DIR` itself writes into the model folder (the model card).
 _WRITTEN_BY_EVALUATION = {"README.md", "eval_results.json"}
 RECORD_FORMAT = "dsembed-task/1"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _sha256(path: Path) -> str:
@@ -127,11 +119,11 @@ class TaskStore:
              layer_weights: dict[str, list] | None) -> Path:
         """Record a scored task (atomically)."""
         if self._model_files is not None:
-            write_atomic(self.folder / "model.json", json.dumps(self._model_files))
+            write_text_atomic(self.folder / "model.json", json.dumps(self._model_files))
             self._model_files = None
         path = self.path(name)
-        write_atomic(path, json.dumps({"key": key, "entry": entry, "mteb_task_result": task_result,
-                                       "layer_weights": layer_weights}))
+        write_text_atomic(path, json.dumps({"key": key, "entry": entry, "mteb_task_result": task_result,
+                                            "layer_weights": layer_weights}))
         return path
 
 
