@@ -270,6 +270,14 @@ def evaluate_task(encoder: MtebEncoder, task: AbsTask, instructions: dict[str, s
             outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
                                     encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
                                     show_progress_bar=False, raise_error=True)
+    except UserError:
+        raise
+    except Exception as err:
+        # One line instead of mteb's traceback; tasks scored before this one are already stored
+        # (on_task), so the rerun resumes after fixing the cause.
+        cause = (str(err).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"task {name} ({category}) failed while evaluated: {type(err).__name__}: {cause}; "
+                        "tasks scored before it are stored and the same command resumes after them") from err
     finally:
         _remove_capture(task)  # a task evaluated again (the layer probe) is hooked afresh, not twice
     task_result = outcome.task_results[0]
@@ -280,6 +288,8 @@ def evaluate_task(encoder: MtebEncoder, task: AbsTask, instructions: dict[str, s
              "main_score": main, "split": task.metadata.eval_splits[0],
              "instruction": instructions.get(name), "source": str(getattr(task, "task_dir", "mteb")),
              "scores": scores, "items": items or None}
+    if getattr(task, "label_names", None):
+        entry["label_names"] = list(task.label_names)  # label i of the items' "gold" is label_names[i]
     if items and all(items.values()):
         entry["items_score"] = item_score(category, items)
         if not math.isclose(entry["items_score"], main, abs_tol=1e-4):

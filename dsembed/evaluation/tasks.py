@@ -154,17 +154,27 @@ class LocalRetrievalTask(_LocalTask, AbsTaskRetrieval):
 
 
 class LocalClassificationTask(_LocalTask, AbsTaskClassification):
-    """Texts with labels; mteb fits logistic regression on 8 examples per label, 10 times."""
+    """Texts with labels; mteb fits logistic regression on 8 examples per label, 10 times.
+
+    Labels of any JSON type become integers here: mteb scores a two-label task's average precision
+    with pos_label=1, which fails on strings (SMSSpam's "ham"/"spam", or "0"/"1"). Integer labels
+    keep their values; any other labels are numbered in sorted order of their text (so "spam" is
+    the positive class of ham/spam) and `label_names[i]` keeps the name of label i for reports.
+    """
+
+    label_names: list[str] | None = None
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         rows = {split: _read_jsonl(self.task_dir / f"{split}.jsonl", ("text", "label")) for split in ("train", "test")}
-        # Integer labels stay integers: mteb scores a two-label task's average precision with
-        # pos_label=1, which fails on the strings "0"/"1". Anything else becomes a string.
-        integral = all(isinstance(r["label"], int) and not isinstance(r["label"], bool)
-                       for split_rows in rows.values() for r in split_rows)
-        label = (lambda value: value) if integral else str
+        values = [r["label"] for split_rows in rows.values() for r in split_rows]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            number, self.label_names = (lambda value: value), None
+        else:
+            self.label_names = sorted({str(v) for v in values})
+            index = {name: i for i, name in enumerate(self.label_names)}
+            number = lambda value: index[str(value)]  # noqa: E731
         self.dataset = DatasetDict({split: Dataset.from_dict({"text": [str(r["text"]) for r in split_rows],
-                                                               "label": [label(r["label"]) for r in split_rows]})
+                                                               "label": [number(r["label"]) for r in split_rows]})
                                     for split, split_rows in rows.items()})
         self.data_loaded = True
 

@@ -196,15 +196,60 @@ def test_integer_labels_stay_integers_for_binary_tasks(tmp_path):
         write_jsonl(tmp_path / "classification" / "Binary" / f"{split}.jsonl",
                     [{"text": f"good great fine {i}" if i % 2 else f"bad awful poor {i}", "label": i % 2}
                      for i in rng.permutation(n).tolist()])
-    write_jsonl(tmp_path / "classification" / "Named" / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "x"}])
-    write_jsonl(tmp_path / "classification" / "Named" / "test.jsonl", [{"text": "a", "label": 1}])
-    binary, named = load_local_tasks(tmp_path, ["Binary", "Named"])
+    binary, = load_local_tasks(tmp_path, ["Binary"])
     binary.load_data()
-    named.load_data()
-    assert set(binary.dataset["test"]["label"]) == {0, 1}
-    assert named.dataset["train"]["label"] == ["1", "x"]  # mixed labels all become strings
+    assert set(binary.dataset["test"]["label"]) == {0, 1} and binary.label_names is None
     result = run.evaluate_tasks(HashEncoder(64), [binary], log=lambda _: None)["tasks"]["Binary"]
     assert result["main_score"] > 0.9 and result["items_score"] == pytest.approx(result["main_score"], abs=1e-4)
+    assert "label_names" not in result
+
+
+def test_string_labels_become_integers_and_reports_keep_the_names(tmp_path):
+    """SMSSpam ships "ham"/"spam": mapped to 0/1 in sorted order inside the loader, names kept."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 16)):
+        write_jsonl(tmp_path / "classification" / "Spam" / f"{split}.jsonl",
+                    [{"text": f"win cash prize now {i}" if i % 2 else f"see you at lunch {i}",
+                      "label": "spam" if i % 2 else "ham"} for i in rng.permutation(n).tolist()])
+    write_jsonl(tmp_path / "classification" / "Mixed" / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "x"}])
+    write_jsonl(tmp_path / "classification" / "Mixed" / "test.jsonl", [{"text": "a", "label": 1}])
+    mixed, spam = load_local_tasks(tmp_path, ["Spam", "Mixed"])
+    spam.load_data()
+    mixed.load_data()
+    assert spam.label_names == ["ham", "spam"]
+    assert set(spam.dataset["test"]["label"]) == {0, 1}  # spam = 1, the positive class of average precision
+    assert mixed.label_names == ["1", "x"] and mixed.dataset["train"]["label"] == [0, 1]
+    result = run.evaluate_tasks(HashEncoder(64), [spam], log=lambda _: None)["tasks"]["Spam"]
+    assert result["main_score"] > 0.9 and result["items_score"] == pytest.approx(result["main_score"], abs=1e-4)
+    assert result["label_names"] == ["ham", "spam"]
+    assert set(result["items"]["default"]["gold"]) == {"0", "1"}
+
+
+class _FailsOn(HashEncoder):
+    """Raises inside mteb's encode call when it meets a text containing `marker`."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(64)
+        self.marker = marker
+
+    def encode(self, texts, instruction=None, batch_size=32, show_progress=False):
+        if any(self.marker in t for t in texts):
+            raise RuntimeError("simulated failure\nsecond line of detail")
+        return super().encode(texts, instruction, batch_size, show_progress)
+
+
+def test_a_task_that_fails_is_one_line_naming_it_after_earlier_tasks_were_stored(task_root):
+    tasks = load_local_tasks(task_root)
+    run.prepare_tasks(tasks)
+    stored = []
+    marker = tasks[1].dataset["default"]["test"]["queries"]["text"][0]  # a retrieval query
+    with pytest.raises(UserError) as caught:
+        run.evaluate_tasks(_FailsOn(marker), tasks, log=lambda _: None,
+                           on_task=lambda task, entry, result: stored.append(task.metadata.name))
+    message = str(caught.value)
+    assert stored == ["TinySTS"]
+    assert "TinyRetrieval" in message and "RuntimeError: simulated failure" in message
+    assert "\n" not in message and "second line" not in message
 
 
 def test_texts_shared_between_tasks_are_embedded_once(task_root, tmp_path):
