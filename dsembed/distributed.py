@@ -1,4 +1,4 @@
-"""Rank / world helpers and an all-gather that keeps gradients.
+"""Rank / world helpers, an all-gather that keeps gradients, and the RNG state of a rank.
 
 Every helper works in three situations: a single process with no launcher (rank 0 of 1), a process
 started by a launcher (torchrun / deepspeed set RANK, WORLD_SIZE, LOCAL_RANK) before
@@ -9,12 +9,15 @@ the engine initialised (gloo on CPU, nccl on GPUs).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -134,3 +137,20 @@ def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
     return out
+
+
+def rng_states() -> dict[str, Any]:
+    """The python, numpy, torch (and CUDA) generator states of this process."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned (a resumed rank continues the same random streams)."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

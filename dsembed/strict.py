@@ -1,7 +1,7 @@
 """Strict conversion of plain YAML data into frozen dataclasses (recipes, study files).
 
 Unknown keys, wrong types and bad enum values raise `RecipeError` naming the file and the dotted key,
-with a did-you-mean. Used by dsembed.config (recipes) and dsembed.study (study files).
+with a did-you-mean. Used by dsembed.config (recipes) and dsembed.study.runner (study files).
 """
 from __future__ import annotations
 

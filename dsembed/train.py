@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Any
 
-from dsembed.config import Recipe, load_recipe, validate
+from dsembed.config import Recipe, load_recipe
+from dsembed.recipe_rules import validate
 from dsembed.errors import RecipeError, run_cli
 
 
@@ -53,7 +54,7 @@ def dry_run(recipe: Recipe) -> None:
     Raises:
         DataError: a `data.train` file that does not exist.
     """
-    from dsembed.data import check_data_files
+    from dsembed.data.rows import check_data_files
     from dsembed.modeling.pooling import count_head_parameters
 
     check_data_files(recipe)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         dry_run(recipe)
         return 0
-    from dsembed.trainer import train
+    from dsembed.training.trainer import train
 
     step = train(recipe)
     _say(f"finished at step {step}; checkpoints in {recipe.train.output_dir}/checkpoints")

@@ -225,7 +225,7 @@ def build_sentence_transformer(recipe: Recipe, lora: bool, seed: int = 0) -> Any
 
 
 class LocalEngine:
-    """The slice of dsembed.engine.Engine that dsembed.gradcache uses, without DeepSpeed (one process).
+    """The slice of dsembed.training.engine.Engine that dsembed.training.gradcache uses, without DeepSpeed (one process).
 
     forward = the module; backward = loss.backward(); step = clip to 1.0 (as the recipes' DeepSpeed
     gradient_clipping), AdamW, zero_grad(set_to_none). This is DeepSpeed ZeRO-0 on one rank minus
@@ -265,7 +265,7 @@ def sentences(n: int, min_words: int = 5, max_words: int = 200, seed: int = 0) -
     rng = random.Random(seed)
     words: list[str] = []
     try:
-        from dsembed.demo_data import demo_training_rows
+        from dsembed.data.demo import demo_training_rows
 
         for row in demo_training_rows("chatterbot"):
             words.extend(w for w in f"{row['query']} {row['positive']}".split() if w.isascii())
@@ -281,7 +281,7 @@ def sentences(n: int, min_words: int = 5, max_words: int = 200, seed: int = 0) -
 def contrastive_examples(n: int, seed: int = 0, query_words: tuple[int, int] = (5, 30),
                          doc_words: tuple[int, int] = (20, 120)) -> list[Any]:
     """`n` training examples (query, positive, one hard negative) of mixed-length real-word texts."""
-    from dsembed.data import Example
+    from dsembed.data.rows import Example
 
     queries = sentences(n, *query_words, seed=seed)
     docs = sentences(2 * n, *doc_words, seed=seed + 1)

@@ -2,7 +2,7 @@
 
 Each configuration (shape x pooling) runs in its own subprocess (`python -m dsembed.bench.gpu --one
 ...`), so one out-of-memory or one DeepSpeed engine's leftovers cannot spoil the next. Inside it the
-trainer's own path runs: `dsembed.engine.Engine.create` (DeepSpeed ZeRO-3, one rank, torch AdamW, bf16,
+trainer's own path runs: `dsembed.training.engine.Engine.create` (DeepSpeed ZeRO-3, one rank, torch AdamW, bf16,
 the backbone built partitioned under HfDeepSpeedConfig), `build_model` (random weights from the
 shape's config, sdpa, non-reentrant gradient checkpointing, peft LoRA r=16 alpha=32 dropout 0.1 on
 all linear layers), and per step `gradcache.plain_backward` + `engine.step()` on a contrastive batch
@@ -104,8 +104,8 @@ def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, ste
     encoding (a forward of 8 x batch texts, as evaluation runs it)."""
     import torch
 
-    from dsembed.engine import Engine, shutdown_distributed
-    from dsembed.gradcache import plain_backward
+    from dsembed.training.engine import Engine, shutdown_distributed
+    from dsembed.training.gradcache import plain_backward
     from dsembed.modeling import build_model
 
     recipe = _recipe(shape, pooling, batch, seq_len)

@@ -136,8 +136,8 @@ def bench_cached(model: str, batch_sizes: list[int], chunk_size: int, max_length
         {"config", "results": [{batch, plain_s, cached_s, plain_MiB, cached_MiB, ...}], "rows",
          "ratio_at_256"} (ratio_at_256: cached / plain peak memory at batch 256, when measured).
     """
-    from dsembed.data import collate
-    from dsembed.gradcache import cached_backward, plain_backward
+    from dsembed.data.batches import collate
+    from dsembed.training.gradcache import cached_backward, plain_backward
 
     recipe = bench_recipe(model, multi_layer_pooling(model), lora=True, max_length=max_length, attention="bidirectional")
     emb_model = build_dsembed(recipe).train()

@@ -1,10 +1,10 @@
 """`train` and `encode`: dsembed against sentence-transformers on the same backbone, batch and lengths.
 
 train: one optimizer step on a contrastive batch of b (query, positive, hard negative) triplets.
-    dsembed: `dsembed.data.collate` (tokenize) -> `dsembed.gradcache.plain_backward` (the trainer's
+    dsembed: `dsembed.data.batches.collate` (tokenize) -> `dsembed.training.gradcache.plain_backward` (the trainer's
         step: query forward, documents forward, `info_nce`, backward) -> clip 1.0 -> torch AdamW,
         through `LocalEngine` (one process, no DeepSpeed: ZeRO-0 on one rank adds only bookkeeping);
-        with `deepspeed=True` also through `dsembed.engine.Engine` (ZeRO stage 0, one rank).
+        with `deepspeed=True` also through `dsembed.training.engine.Engine` (ZeRO stage 0, one rank).
     sentence-transformers: the loop SentenceTransformerTrainer runs per step, written out:
         `model.preprocess` per column -> `MultipleNegativesRankingLoss` (scale 1/temperature = 20;
         it merges the positive and negative columns into one forward, as dsembed does) -> backward
@@ -42,7 +42,7 @@ def bench_train(model: str, batch_size: int, max_length: int | None, repeats: in
         num_batches: distinct batches cycled through.
         warmup: untimed steps per contender first.
         deepspeed: add a third contender, "dsembed+deepspeed": the same step through
-            dsembed.engine.Engine (DeepSpeed ZeRO stage 0, one rank, fp32, torch AdamW, clipping 1.0).
+            dsembed.training.engine.Engine (DeepSpeed ZeRO stage 0, one rank, fp32, torch AdamW, clipping 1.0).
 
     Returns:
         {"config", "results": {name: {...}}, "ratio_samples_per_s", "rows"}.
@@ -50,8 +50,8 @@ def bench_train(model: str, batch_size: int, max_length: int | None, repeats: in
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from dsembed.bench.common import LocalEngine
-    from dsembed.data import collate, query_text
-    from dsembed.gradcache import plain_backward
+    from dsembed.data.batches import collate, query_text
+    from dsembed.training.gradcache import plain_backward
 
     recipe = bench_recipe(model, {"type": "last_token"}, lora=True, max_length=max_length)
     temperature = recipe.loss.temperature
@@ -92,7 +92,7 @@ def bench_train(model: str, batch_size: int, max_length: int | None, repeats: in
     if deepspeed:
         import dataclasses
 
-        from dsembed.engine import Engine
+        from dsembed.training.engine import Engine
 
         ds_recipe = dataclasses.replace(recipe, deepspeed=dataclasses.replace(recipe.deepspeed, zero_stage=0),
                                         train=dataclasses.replace(recipe.train, micro_batch_size=batch_size))
@@ -113,7 +113,7 @@ def bench_train(model: str, batch_size: int, max_length: int | None, repeats: in
         timing = interleaved(contenders, repeats, warmup)
     finally:
         if ds_engine is not None:
-            from dsembed.engine import shutdown_distributed
+            from dsembed.training.engine import shutdown_distributed
 
             shutdown_distributed()
     results, rows = {}, []

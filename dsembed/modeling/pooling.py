@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsembed.config import (LastTokenPooling, LatentAttentionPooling, MeanPooling,
-                            MultiLayerAttentionPooling, head_sizes, resolve_layers)
+from dsembed.config import LastTokenPooling, LatentAttentionPooling, MeanPooling, MultiLayerAttentionPooling
+from dsembed.recipe_rules import head_sizes, resolve_layers
 from dsembed.errors import RecipeError
 from dsembed.modeling.layers import masked_mean
 

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from dsembed.trainer import steps_to_prune
+from dsembed.training.run_dir import steps_to_prune
 
 from launch import check, launch, metrics, write_sts_task
 

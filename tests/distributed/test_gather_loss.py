@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dsembed import distributed
-from dsembed.loss import info_nce
+from dsembed.training.loss import info_nce
 
 WORLD, B_LOCAL, NEG, DIM_IN, DIM, TAU = 2, 3, 2, 12, 8, 0.05
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsembed.gradcache import cached_backward, plain_backward
+from dsembed.training.gradcache import cached_backward, plain_backward
 
 from launch import check, launch
 
@@ -35,7 +35,7 @@ class _Embedder(torch.nn.Module):
 
 
 class _Engine:
-    """The three calls gradcache makes on dsembed.engine.Engine, on a plain module."""
+    """The three calls gradcache makes on dsembed.training.engine.Engine, on a plain module."""
 
     device = torch.device("cpu")
 

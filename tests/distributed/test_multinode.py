@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsembed.engine import fp32_state_dict
+from dsembed.training.engine import fp32_state_dict
 
 from launch import check, launch, launch_nodes, metrics
 

@@ -30,19 +30,19 @@ def _cos(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def main(run_dir: str, dump_dir: str) -> None:
     from transformers import AutoModel
 
-    from dsembed.export import export_checkpoint, load_from_checkpoint, resolve_checkpoint
+    from dsembed.export.consolidate import export_checkpoint, load_from_checkpoint, resolve_checkpoint
     from dsembed.modeling import EmbeddingModel
     from dsembed.modeling.backbone import unwrap
-    from dsembed.modeling.model import _plain_state_dict
+    from dsembed.modeling.weights import plain_state_dict
 
     probe = json.loads((Path(dump_dir) / "probe.json").read_text(encoding="utf-8"))
     live = np.load(Path(dump_dir) / "embeddings.npz")["documents"]
     folder, tag = resolve_checkpoint(run_dir)
     model = load_from_checkpoint(folder, tag)  # bf16 params, LoRA unmerged: the live engine's weights
     base = unwrap(model.backbone)
-    rounded = _plain_state_dict(base, merge=True)  # bf16 merge
-    unmerged = _plain_state_dict(base, merge=False)
-    exact = _plain_state_dict(base, merge=True, dtype=torch.float32)
+    rounded = plain_state_dict(base, merge=True)  # bf16 merge
+    unmerged = plain_state_dict(base, merge=False)
+    exact = plain_state_dict(base, merge=True, dtype=torch.float32)
     lost, moved, rel = 0, 0, []
     for key, weight in exact.items():
         if not key.endswith("proj.weight"):

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dsembed.config import load_recipe, validate
+from dsembed.config import load_recipe
+from dsembed.recipe_rules import validate
 from dsembed.errors import UserError
-from dsembed.study import load_study
+from dsembed.study.runner import load_study
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -165,16 +165,16 @@ def test_bf16_run_keeps_its_lora_delta(runs: Path, exported: dict[str, Path]) ->
     import torch
 
     from dsembed import EmbeddingModel
-    from dsembed.export import load_from_checkpoint, resolve_checkpoint
+    from dsembed.export.consolidate import load_from_checkpoint, resolve_checkpoint
     from dsembed.modeling.backbone import unwrap
-    from dsembed.modeling.model import _plain_state_dict
+    from dsembed.modeling.weights import plain_state_dict
 
     folder = exported["model1-bf16"]
     assert json.loads((folder / "dsembed.json").read_text())["backbone_dtype"] == "float32"
     live_model = load_from_checkpoint(*resolve_checkpoint(runs / "model1-bf16" / "run"))  # bf16, LoRA unmerged
     base = unwrap(live_model.backbone)
-    rounded = _plain_state_dict(base, merge=True)  # what the export did before: merged in bf16
-    unmerged = _plain_state_dict(base, merge=False)
+    rounded = plain_state_dict(base, merge=True)  # what the export did before: merged in bf16
+    unmerged = plain_state_dict(base, merge=False)
     exported_model = EmbeddingModel.load(folder)
     weights = exported_model.backbone.state_dict()
     moved = lost = 0
@@ -340,9 +340,9 @@ def test_prompts_for_a_template_with_text_after_the_query(tiny_recipe) -> None:
 
     import torch
 
-    from dsembed.export import sentence_transformers_prompts
+    from dsembed.export.consolidate import sentence_transformers_prompts
     from dsembed.modeling import build_model
-    from dsembed.st_module import DsembedEmbedding
+    from dsembed.export.st_module import DsembedEmbedding
 
     recipe = tiny_recipe(pooling={"type": "mean"})
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(
@@ -356,8 +356,8 @@ def test_prompts_for_a_template_with_text_after_the_query(tiny_recipe) -> None:
     want = model.tokenize([model.format_query(t, "find it") for t in ("abc", "de")])
     assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
     # the portable module (used for such templates even with a mean head) appends the suffix too
-    from dsembed.portable import PortableEmbedding
-    from dsembed.st_files import head_config
+    from dsembed.export.portable import PortableEmbedding
+    from dsembed.export.st_files import head_config
 
     m = recipe.model
     portable = PortableEmbedding(model.backbone, model.tokenizer, model.pooler, head_config(model), m.max_length,

@@ -14,11 +14,12 @@ import json
 import os
 import sys
 
-from dsembed.config import load_recipe, validate
+from dsembed.config import load_recipe
+from dsembed.recipe_rules import validate
 from dsembed.distributed import world_size
-from dsembed.engine import shutdown_distributed
+from dsembed.training.engine import shutdown_distributed
 from dsembed.testhooks import DUMP_EMBEDDINGS_ENV
-from dsembed.trainer import Trainer
+from dsembed.training.trainer import Trainer
 
 
 def main(spec_path: str) -> None:

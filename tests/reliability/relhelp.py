@@ -76,7 +76,7 @@ def assert_latest_complete(output_dir: Path, world: int) -> str | None:
     Returns:
         The tag named by `latest`, or None when there is none.
     """
-    from dsembed.engine import fp32_state_dict
+    from dsembed.training.engine import fp32_state_dict
 
     folder = output_dir / "checkpoints"
     pointer = folder / "latest"

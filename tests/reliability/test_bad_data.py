@@ -84,8 +84,9 @@ def test_skip_malformed_reports_the_count(tmp_path: Path) -> None:
 
 def test_long_rows_are_truncated_with_eos_last(tmp_path: Path) -> None:
     from dsembed.config import load_recipe
-    from dsembed.data import collate, load_examples
-    from dsembed.tokenization import byte_tokenizer
+    from dsembed.data.batches import collate
+    from dsembed.data.rows import load_examples
+    from dsembed.modeling.tokenization import byte_tokenizer
 
     from relhelp import TINY
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dsembed.engine import fp32_state_dict
+from dsembed.training.engine import fp32_state_dict
 
 from relhelp import assert_latest_complete, cli, kill_tree, start, wait_for_step
 

@@ -20,7 +20,7 @@ def _check_stopped(out: Path, run, failed_step: int, world: int, what: str) -> N
         assert run.returncode == 3 and "Traceback" not in run.stderr, detail
     else:  # torchrun exits 1 and prints its own ChildFailedError traceback, naming each rank's code
         assert run.returncode == 1 and "exitcode: 3" in run.stderr, detail
-        assert "dsembed/trainer.py" not in run.stderr, detail  # no traceback from the ranks themselves
+        assert "dsembed/training/trainer.py" not in run.stderr, detail  # no traceback from the ranks themselves
     lines = error_lines(run)
     assert len(lines) == world, detail  # one line per rank, every rank stopped at the same step
     for line in lines:

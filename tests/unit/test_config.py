@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dsembed.config import (
-    LatentAttentionPooling,
-    MultiLayerAttentionPooling,
-    Recipe,
-    head_sizes,
-    load_recipe,
-    recipe_from_dict,
-    resolve_layers,
-    validate,
-)
+from dsembed.config import LatentAttentionPooling, MultiLayerAttentionPooling, Recipe, load_recipe, recipe_from_dict
+from dsembed.recipe_rules import head_sizes, resolve_layers, validate
 from dsembed.errors import RecipeError
 from dsembed.instructions import instruction_for, query_instructions
 

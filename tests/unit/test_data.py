@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import dsembed.demo_data
-import dsembed.tokenization
+import dsembed.data.demo
+import dsembed.modeling.tokenization
 from dsembed.config import recipe_from_dict
-from dsembed.data import ContrastiveOrder, Example, collate, format_query, load_examples, query_text, synthetic_rows
+from dsembed.data.batches import ContrastiveOrder, collate, query_text
+from dsembed.data.rows import Example, load_examples, synthetic_rows
+from dsembed.instructions import format_query
 from dsembed.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +134,7 @@ def test_demo_entry_uses_demo_data_rows(tmp_path, monkeypatch):
         calls.append(name)
         return [{"query": "hi", "positive": "hello", "negative": "bye", "source": "greetings"}, {"query": "x"}]
 
-    monkeypatch.setattr(dsembed.demo_data, "demo_training_rows", fake)
+    monkeypatch.setattr(dsembed.data.demo, "demo_training_rows", fake)
     with pytest.raises(DataError, match=r"^demo:chat:2: missing field 'positive'"):
         load_examples(make_recipe(tmp_path, train=["demo:chat"]))
     examples = load_examples(make_recipe(tmp_path, train=["demo:chat"], skip_malformed=True, num_negatives=0))
@@ -140,7 +142,7 @@ def test_demo_entry_uses_demo_data_rows(tmp_path, monkeypatch):
 
 
 def test_hf_entry_offline_gives_one_line_with_the_fix():
-    code = ("from dsembed.config import recipe_from_dict\nfrom dsembed.data import load_examples\n"
+    code = ("from dsembed.config import recipe_from_dict\nfrom dsembed.data.rows import load_examples\n"
             "from dsembed.errors import DataError\n"
             "try:\n    load_examples(recipe_from_dict({'data': {'train': ['hf:yixuantt/ir_data']}}))\n"
             "except DataError as err:\n    print('ERR', err)\n")
@@ -176,7 +178,7 @@ def test_source_names_with_a_split_suffix_find_their_preset_instruction(tmp_path
 
 
 def test_a_query_that_already_carries_an_instruction_gets_no_second_one(tmp_path, caplog):
-    from dsembed.data import has_instruction
+    from dsembed.instructions import has_instruction
 
     template = "Instruct: {instruction}\nQuery: {query}"
     assert has_instruction(template, "Instruct: Given a claim, find evidence\nQuery: the moon is made of cheese")
@@ -206,7 +208,7 @@ def test_collate_orders_documents_query_major(tmp_path, monkeypatch):
         seen.append((list(texts), max_length, padding_side, append_eos))
         return {"input_ids": len(texts)}
 
-    monkeypatch.setattr(dsembed.tokenization, "tokenize_texts", fake_tokenize)
+    monkeypatch.setattr(dsembed.modeling.tokenization, "tokenize_texts", fake_tokenize)
     recipe = recipe_from_dict({"data": {"num_negatives": 2, "instructions": {"default": "I"}},
                                "model": {"max_length": 17, "padding_side": "right"}})
     examples = [Example(f"q{i}", f"p{i}", [f"n{i}a", f"n{i}b"], None) for i in range(3)]
@@ -219,7 +221,7 @@ def test_collate_orders_documents_query_major(tmp_path, monkeypatch):
 
 
 def test_collate_with_the_byte_tokenizer(tmp_path):
-    tokenizer = dsembed.tokenization.byte_tokenizer()
+    tokenizer = dsembed.modeling.tokenization.byte_tokenizer()
     recipe = recipe_from_dict({"data": {"num_negatives": 1}, "model": {"max_length": 8, "padding_side": "left"}})
     batch = collate([Example("hello", "p", ["a much longer negative"], None)], tokenizer, recipe)
     docs = batch["documents"]
@@ -292,8 +294,9 @@ def test_one_query_template_rule_for_training_encode_and_exported_prompts():
     """Training rows, EmbeddingModel.encode and the sentence-transformers prompts fill the template
     with the same function: braces in the texts and the template are kept literally."""
     from dsembed.config import load_recipe
-    from dsembed.data import Example, query_text
-    from dsembed.st_files import _template_parts
+    from dsembed.data.rows import Example
+    from dsembed.data.batches import query_text
+    from dsembed.export.st_files import _template_parts
     from dsembed.instructions import format_query
     from dsembed.modeling.model import EmbeddingModel
 

@@ -70,8 +70,8 @@ def test_lee_background_rows_are_unseen_articles(tasks_root):
     assert len({r["query"] for r in background}) == len(background)
     # No judged STS document is trained on, whole or in part.
     pairs = _jsonl(tasks_root / "sts" / "LeeNews" / "test.jsonl")
-    judged = {demo_data._key(t) for p in pairs for t in (p["sentence1"], p["sentence2"])}
-    assert not any(demo_data._key(r["query"]) in j or demo_data._key(r["positive"]) in j
+    judged = {demo_data.text_key(t) for p in pairs for t in (p["sentence1"], p["sentence2"])}
+    assert not any(demo_data.text_key(r["query"]) in j or demo_data.text_key(r["positive"]) in j
                    for r in background for j in judged)
     assert demo_data.demo_training_rows("lee_background") == background
 
@@ -92,7 +92,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_held_out_texts_never_in_training(rows, tasks_root):
-    key = demo_data._key
+    key = demo_data.text_key
     train_texts = {key(r[k]) for r in rows for k in ("query", "positive", "negative")}
     retrieval = tasks_root / "retrieval" / "ChatterbotQA"
     queries = {q["_id"]: q["text"] for q in _jsonl(retrieval / "queries.jsonl")}

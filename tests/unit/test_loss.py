@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsembed.loss import LossOutput, info_nce
+from dsembed.training.loss import LossOutput, info_nce
 
 
 def test_hand_checkable_case():

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from dsembed.model_card import EVAL_RESULTS_FILE, add_results
+from dsembed.export.model_card import EVAL_RESULTS_FILE, add_results
 
 
 def _results(**tasks):

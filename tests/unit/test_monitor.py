@@ -6,7 +6,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dsembed.config import recipe_from_dict
-from dsembed.monitor import Monitor
+from dsembed.training.monitor import Monitor
 
 
 def read_events(log_dir) -> EventAccumulator:

@@ -28,7 +28,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _export(model: EmbeddingModel, folder: Path) -> str:
-    from dsembed.st_files import write_sentence_transformers_files
+    from dsembed.export.st_files import write_sentence_transformers_files
 
     model.save(folder)
     return write_sentence_transformers_files(folder, model)
@@ -134,7 +134,7 @@ def test_bf16_lora_export_is_merged_in_float32(tiny_recipe, tmp_path):
     """A small LoRA delta survives the export of a bf16 model: merged and written in float32."""
     import copy
 
-    from dsembed.modeling.model import _plain_state_dict
+    from dsembed.modeling.weights import plain_state_dict
     from dsembed.modeling.backbone import unwrap
 
     model = _perturbed(tiny_recipe("llama", {"type": "mean"}, "causal", lora=True, dtype="bfloat16"))
@@ -152,8 +152,8 @@ def test_bf16_lora_export_is_merged_in_float32(tiny_recipe, tmp_path):
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
     loaded = EmbeddingModel.load(folder)
     exported = loaded.encode(TEXTS)
-    rounded = _plain_state_dict(unwrap(model.backbone), merge=True)  # the old export: merged in bf16
-    base = _plain_state_dict(unwrap(model.backbone), merge=False)
+    rounded = plain_state_dict(unwrap(model.backbone), merge=True)  # the old export: merged in bf16
+    base = plain_state_dict(unwrap(model.backbone), merge=False)
     merged = {k: v for k, v in loaded.backbone.state_dict().items()}
     key = next(k for k in rounded if k.endswith("q_proj.weight"))
     changed = merged[key] != base[key].float()  # elements the float32 merge moved

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dsembed.errors import RecipeError
-from dsembed.study import StudyRunner, _train_command, load_study
+from dsembed.study.runner import StudyRunner, _train_command, load_study
 
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = sorted((REPO / "recipes").rglob("studies/*.yaml"))

@@ -11,8 +11,8 @@ import pytest
 
 from dsembed.config import load_recipe
 from dsembed.errors import RecipeError
-from dsembed.study import _train_command, load_study
-from dsembed.study_stages import StageLedger, changes, model_identity, recipe_fingerprint
+from dsembed.study.runner import _train_command, load_study
+from dsembed.study.stages import StageLedger, changes, model_identity, recipe_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "tiny-cpu.yaml"

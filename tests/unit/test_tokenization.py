@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsembed.tokenization import BYTE_VOCAB_SIZE, byte_tokenizer, tokenize_texts
+from dsembed.modeling.tokenization import BYTE_VOCAB_SIZE, byte_tokenizer, tokenize_texts
 
 
 @pytest.fixture(scope="module")

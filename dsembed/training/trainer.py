@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import time
@@ -38,133 +37,25 @@ import numpy as np
 import torch
 
 from dsembed import distributed as dist
-from dsembed.atomic import write_text_atomic
+from dsembed.distributed import rng_states, set_rng_states
 from dsembed.config import Recipe
-from dsembed.errors import CheckpointError, RecipeError, TrainingError, UserError
-from dsembed.gradcache import BatchStats, cached_backward, plain_backward
+from dsembed.errors import CheckpointError, TrainingError, UserError
 from dsembed.testhooks import TestHooks
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def checkpoint_dir(recipe: Recipe) -> Path:
-    return Path(recipe.train.output_dir) / "checkpoints"
-
-
-def latest_tag(folder: Path) -> str | None:
-    """The tag named in folder/latest, else the newest step-N (complete: renamed only when done)."""
-    latest = folder / "latest"
-    if latest.is_file():
-        tag = latest.read_text(encoding="utf-8").strip()
-        if (folder / tag).is_dir():
-            return tag
-    steps = sorted((int(m.group(1)), p.name) for p in folder.glob("step-*") if (m := _STEP_DIR.match(p.name)))
-    return steps[-1][1] if steps else None
-
-
-def check_run_dir(recipe: Recipe) -> str | None:
-    """Decide between resuming and starting fresh, before anything is built or written.
-
-    A run directory "exists" when it holds checkpoints or a previous run's recipe.yaml (a run that
-    stopped before its first checkpoint).
-
-    Returns:
-        The checkpoint tag to resume from, or None to start fresh.
-
-    Raises:
-        RecipeError: a run exists, train.resume is never and train.overwrite is false.
-    """
-    folder = checkpoint_dir(recipe)
-    checkpoints = folder.is_dir() and any(_STEP_DIR.match(p.name) for p in folder.iterdir())
-    existing = checkpoints or (Path(recipe.train.output_dir) / "recipe.yaml").is_file()
-    if recipe.train.overwrite or not existing:
-        return None
-    if recipe.train.resume == "never":
-        held = "checkpoints" if checkpoints else "a previous run (recipe.yaml)"
-        raise RecipeError(f"{recipe.source or '<recipe>'}: train.output_dir {recipe.train.output_dir} already holds {held} "
-                          "and train.resume is never (set train.overwrite=true, train.resume=auto or another output_dir)")
-    return latest_tag(folder) if checkpoints else None
-
-
-def _check_shared_run_dir(recipe: Recipe) -> None:
-    """Every rank must see what global rank 0 writes (checkpoint renames, `latest`, recipe.yaml):
-    across nodes, train.output_dir must be on a shared filesystem. Without one, each node would
-    write its shards to its own disk and `latest` would name checkpoints no disk holds complete, so
-    the run is refused (on every rank) before anything is written. Collective."""
-    out = Path(recipe.train.output_dir)
-    blind = dist.ranks_not_sharing(out)
-    if blind:
-        raise UserError(f"{recipe.source or '<recipe>'}: train.output_dir {out} is not shared between the nodes "
-                        f"({', '.join(blind)} cannot see the files rank 0 writes there); put it on a filesystem "
-                        "every node mounts at the same path (NFS, Lustre, ...), see README 'Multi-node training'")
-
-
-def _prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
-    _check_shared_run_dir(recipe)
-    out = Path(recipe.train.output_dir)
-    if dist.is_main():
-        if fresh:  # overwrite, or a previous attempt that never checkpointed: its logs would mix in
-            for name in ("checkpoints", "tensorboard"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for stale in (out / "checkpoints").glob("tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a save interrupted before its rename
-        write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
-    dist.barrier()
-
-
-def steps_to_prune(steps: list[int], keep_last: int, best: int | None = None) -> list[int]:
-    """Checkpoint steps beyond the newest `keep_last`, except `best` (the best evaluated step)."""
-    return [s for s in sorted(steps)[:-keep_last] if s != best]
+from dsembed.training.gradcache import BatchStats, cached_backward, plain_backward
+from dsembed.training.run_dir import (STEP_DIR, check_run_dir, checkpoint_dir, drop_logs_after, latest_tag,
+                                      prepare_run_dir, steps_to_prune)
 
 
 def _periodic_eval(recipe: Recipe) -> Any:
     """The recipe's evaluation during training (None when off); task errors name the recipe."""
     if recipe.eval.every_steps is None:
         return None
-    from dsembed.periodic_eval import PeriodicEval
+    from dsembed.training.periodic_eval import PeriodicEval
 
     try:
         return PeriodicEval(recipe)
     except UserError as err:
         raise type(err)(f"{recipe.source or '<recipe>'}: eval: {err}") from None
-
-
-def _drop_logs_after(out: Path, step: int) -> None:
-    """A run killed after its last checkpoint logged steps the resumed run logs again: forget them
-    in metrics.jsonl and TensorBoard, so each step is recorded once."""
-    from dsembed.monitor import drop_events_after
-
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file():
-        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        write_text_atomic(metrics, "".join(row + "\n" for row in rows))
-    if (out / "tensorboard").is_dir():
-        drop_events_after(out / "tensorboard", step)
-
-
-# ----------------------------------------------------------------------------- RNG
-
-
-def rng_states() -> dict[str, Any]:
-    """The python, numpy, torch (and CUDA) generator states of this process."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -185,8 +76,9 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, base_dir: Path | None = None) -> None:
-        from dsembed.data import ContrastiveOrder, load_examples
-        from dsembed.engine import Engine
+        from dsembed.data.batches import ContrastiveOrder
+        from dsembed.data.rows import load_examples
+        from dsembed.training.engine import Engine
         from dsembed.modeling import build_model
 
         self.recipe = recipe
@@ -208,7 +100,7 @@ class Trainer:
         self.tokenizer = self.model.tokenizer
         seed_everything(train.seed + self.rank)  # then per-rank dropout streams
         self.step = 0
-        _prepare_run_dir(recipe, fresh=self.resume_tag is None)
+        prepare_run_dir(recipe, fresh=self.resume_tag is None)
         if self.resume_tag is not None:
             self._resume(self.resume_tag)
 
@@ -224,7 +116,7 @@ class Trainer:
         if rng.is_file():
             set_rng_states(torch.load(rng, weights_only=False))
         if dist.is_main():
-            _drop_logs_after(Path(self.recipe.train.output_dir), self.step)
+            drop_logs_after(Path(self.recipe.train.output_dir), self.step)
         if self.evaluator is not None:
             self.evaluator.resume(Path(self.recipe.train.output_dir), self.step)
 
@@ -253,7 +145,7 @@ class Trainer:
         dist.barrier()
 
     def _prune(self, folder: Path) -> None:
-        steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
+        steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)))
         best = self.evaluator.best_step if self.evaluator is not None else None
         for step in steps_to_prune(steps, self.recipe.train.save_total_limit, best):
             shutil.rmtree(folder / f"step-{step}", ignore_errors=True)
@@ -261,7 +153,7 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------------
 
     def _batch(self, accum_index: int) -> dict[str, dict[str, torch.Tensor]]:
-        from dsembed.data import collate
+        from dsembed.data.batches import collate
 
         t = self.recipe.train
         idx = self.order.indices(self.step, accum_index, self.rank, self.world, t.micro_batch_size)
@@ -359,7 +251,7 @@ class Trainer:
 
     def run(self) -> int:
         """Train to max_steps (or stop_after); returns the last completed step."""
-        from dsembed.monitor import Monitor
+        from dsembed.training.monitor import Monitor
 
         t, log = self.recipe.train, self.recipe.logging
         last = min(t.max_steps, t.stop_after or t.max_steps)
@@ -410,7 +302,7 @@ def _peak_memory_mib() -> float:
 
 def train(recipe: Recipe, base_dir: Path | None = None) -> int:
     """Train a validated recipe; returns the last completed step. Distributed is shut down after."""
-    from dsembed.engine import shutdown_distributed
+    from dsembed.training.engine import shutdown_distributed
 
     # Backward passes on CPU produce denormal floats (tiny gradients deep in the network), which x86
     # CPUs compute 10-20x slower: SmolLM2-135M LoRA forward+backward of 48 short texts took 25-48 s

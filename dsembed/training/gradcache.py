@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from dsembed.loss import info_nce
+from dsembed.training.loss import info_nce
 
 Batch = dict[str, torch.Tensor]
 # Called with the loss right before its backward; returns the loss to backpropagate or raises (the
@@ -82,8 +82,8 @@ def plain_backward(engine: Any, batch: dict[str, Batch], temperature: float, gat
     """Forward the whole contrastive batch with a graph and backward the loss.
 
     Args:
-        engine: dsembed.engine.Engine.
-        batch: {"query": {input_ids, attention_mask}, "documents": {...}} from dsembed.data.collate.
+        engine: dsembed.training.engine.Engine.
+        batch: {"query": {input_ids, attention_mask}, "documents": {...}} from dsembed.data.batches.collate.
         temperature, gather: recipe.loss settings.
         boundary: whether this is the last backward before `engine.step()`.
         loss_guard: checks (or, in tests, poisons) the loss before its backward.
@@ -106,7 +106,7 @@ def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, ga
     """GradCache: the same parameter gradients as `plain_backward`, one chunk's activations.
 
     Args:
-        engine: dsembed.engine.Engine.
+        engine: dsembed.training.engine.Engine.
         batch: as for `plain_backward`; b queries, b*(1+n) documents.
         temperature, gather: recipe.loss settings.
         chunk_size: queries per chunk (train.cache_chunk_size); documents go (1+n) times as many.

@@ -1,8 +1,8 @@
-"""The sentence-transformers files of an exported model folder (see dsembed/export.py for the layout).
+"""The sentence-transformers files of an exported model folder (see dsembed/export/consolidate.py for the layout).
 
 Exports must load where dsembed is not installed: last_token / mean heads become sentence-transformers'
 own modules over the root transformers folder, trainable heads the generated `dsembed_model.py`
-(dsembed/portable.py). The tokenizer is rewritten to append the EOS itself, so that plain
+(dsembed/export/portable.py). The tokenizer is rewritten to append the EOS itself, so that plain
 transformers and sentence-transformers tokenize exactly as dsembed does.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def write_portable_tokenizer(folder: Path, model: Any) -> bool:
     """
     from transformers import AutoTokenizer
 
-    from dsembed.tokenization import token_ids
+    from dsembed.modeling.tokenization import token_ids
 
     m = model.recipe.model
     want = token_ids(model.tokenizer, _TOKENIZER_PROBES, m.max_length, m.append_eos)
@@ -161,7 +161,7 @@ def write_sentence_transformers_files(folder: Path, model: Any, keep_adapter: bo
       Normalize) modules over the root folder; no custom code.
     - "portable": trainable heads (or a query template with text after {query}, or a tokenizer
       that cannot append the EOS itself): dsembed_model.py, generated from dsembed's source
-      (dsembed.portable), loaded with trust_remote_code=True; needs no dsembed.
+      (dsembed.export.portable), loaded with trust_remote_code=True; needs no dsembed.
     - "dsembed": --keep-adapter exports: dsembed_st.py, which imports dsembed (and peft).
 
     Returns:

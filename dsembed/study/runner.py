@@ -9,7 +9,7 @@ stages are recognised by what they leave behind.
     <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder)
     <output_dir>/results/<name>.json    evaluation results, `base` for the untrained backbone
     <output_dir>/report/                comparison table, CSV/JSON, plots
-    <output_dir>/stages.json            what each finished stage was made from (dsembed.study_stages)
+    <output_dir>/stages.json            what each finished stage was made from (dsembed.study.stages)
 
 A finished stage whose inputs changed since (recipe, overrides, input model, evaluation settings) is
 not reused: the runner names it and stops with exit code 2, or redoes it with `rerun_stale`.
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dsembed.config import load_recipe, validate
+from dsembed.config import load_recipe
+from dsembed.recipe_rules import validate
 from dsembed.errors import RecipeError, UserError
 from dsembed.strict import from_dict, read_yaml_mapping
-from dsembed.study_stages import StageLedger, changes as _changes, recipe_fingerprint
+from dsembed.study.stages import StageLedger, changes as _changes, recipe_fingerprint
 
 BASE_NAME = "base"
 
@@ -43,7 +44,7 @@ class StudyConfig:
 
     `variants` maps a short name to a recipe (relative to the study file). `overrides` apply to
     every recipe, `variant_overrides` to one. `tasks_dir: demo` writes the pip-installed demo tasks
-    (dsembed.demo_data) to a cache and evaluates on those.
+    (dsembed.data.demo) to a cache and evaluates on those.
     """
 
     name: str
@@ -87,7 +88,7 @@ def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides
             that cannot start the nodes asked for.
         DataError: a recipe's data file does not exist.
     """
-    from dsembed.data import check_data_files
+    from dsembed.data.rows import check_data_files
 
     path = Path(path)
     data = read_yaml_mapping(path, "study")
@@ -184,7 +185,7 @@ class StudyRunner:
 
     def tasks_arguments(self) -> list[str]:
         if self.study.tasks_dir == "demo":
-            from dsembed.demo_data import write_demo_tasks
+            from dsembed.data.demo import write_demo_tasks
 
             return ["--tasks-dir", str(write_demo_tasks(self.out / "demo-tasks"))]
         if self.study.tasks_dir is not None:

@@ -1,7 +1,7 @@
 """Consolidate a DeepSpeed checkpoint into one folder that is a dsembed model and a sentence-transformers model.
 
 Works on a CPU machine without the training processes: the ZeRO-2 / ZeRO-3 shards are merged by
-DeepSpeed's zero_to_fp32 (through dsembed.engine, the only deepspeed importer), the model is rebuilt
+DeepSpeed's zero_to_fp32 (through dsembed.training.engine, the only deepspeed importer), the model is rebuilt
 from the recipe stored in the checkpoint, and the merged state dict is loaded into it.
 
 Folder written (OUT_DIR):
@@ -15,7 +15,7 @@ Folder written (OUT_DIR):
                                         Normalize, the generated dsembed_model.py, or dsembed_st.py
     config_sentence_transformers.json   prompts ("query" = the training instruction in the query
                                         template; per MTEB task / task type, as dsembed-evaluate uses)
-    README.md                           model card (dsembed/model_card.py): variant, base model, data,
+    README.md                           model card (dsembed/export/model_card.py): variant, base model, data,
                                         steps, loading without dsembed; results after dsembed-evaluate
 It is written to OUT_DIR.tmp-<pid> and renamed at the end, so OUT_DIR is either complete or absent.
 """
@@ -37,8 +37,8 @@ import yaml
 
 from dsembed.config import recipe_from_dict
 from dsembed.errors import CheckpointError, UserError
-from dsembed.model_card import model_card
-from dsembed.st_files import sentence_transformers_prompts, write_sentence_transformers_files  # noqa: F401 - public here too
+from dsembed.export.model_card import model_card
+from dsembed.export.st_files import sentence_transformers_prompts, write_sentence_transformers_files  # noqa: F401 - public here too
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _MODEL_STATES = re.compile(r"^(zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
@@ -154,7 +154,7 @@ def load_from_checkpoint(folder: Path, tag: str, client_state: dict[str, Any] | 
     Raises:
         CheckpointError: an incomplete checkpoint, or one that does not fit its recipe's model.
     """
-    from dsembed.engine import fp32_state_dict
+    from dsembed.training.engine import fp32_state_dict
     from dsembed.modeling import build_model
 
     state = client_state if client_state is not None else check_checkpoint(folder, tag)

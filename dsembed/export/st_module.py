@@ -1,7 +1,7 @@
 """The sentence-transformers module of a `--keep-adapter` export (copied into it as `dsembed_st.py`).
 
 Merged exports load without dsembed (sentence-transformers' own modules, or the generated
-`dsembed_model.py`: see dsembed/st_files.py and dsembed/portable.py). An export that keeps LoRA as a
+`dsembed_model.py`: see dsembed/export/st_files.py and dsembed/export/portable.py). An export that keeps LoRA as a
 separate peft adapter is loaded through this module instead, which imports dsembed (and so peft):
 
     SentenceTransformer(MODEL_DIR, trust_remote_code=True).encode(queries, prompt_name="query")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -114,7 +113,7 @@ class PeriodicEval:
 @contextlib.contextmanager
 def _kept_rng() -> Iterator[None]:
     """Restore the python / numpy / torch generator states on exit."""
-    from dsembed.trainer import rng_states, set_rng_states
+    from dsembed.distributed import rng_states, set_rng_states
 
     states = rng_states()
     try:

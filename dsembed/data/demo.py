@@ -21,48 +21,23 @@ test.jsonl {sentences, labels}. Each task folder also holds metadata.json (sourc
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+
 import json
 import os
 import random
 import shutil
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from dsembed.errors import DataError
+from dsembed.data.demo_sources import (DEMO_SOURCES, ChatterbotSplit, chatterbot_split, gensim_test_file,
+                                       lee_documents, text_key, unit_hash)
 
 FORMAT_VERSION = 1  # bump when the produced rows or tasks change; old task folders are rebuilt
-HELD_OUT_FRACTION = 0.3  # share of chatterbot prompts kept for evaluation only
 NEGATIVE_SEED = 1234  # seeds the per-row hard-negative choice
 MIN_TEXTS_PER_LABEL = 6  # smaller categories cannot fill both classification splits
 MARKER = ".dsembed-demo-tasks.json"
-INSTALL_HINT = "pip install chatterbot-corpus gensim (or pip install -e .[demo])"
-
-# name -> (pip package, licence, description); the README's attribution section is built from it.
-DEMO_SOURCES: dict[str, tuple[str, str, str]] = {
-    "chatterbot": (
-        "chatterbot-corpus",
-        "BSD-3-Clause",
-        "ChatterBot English dialog corpus (Gunther Cox and contributors): prompt/response pairs "
-        "in topic categories; training rows, retrieval/ChatterbotQA, "
-        "classification/ChatterbotTopics, clustering/ChatterbotCategories",
-    ),
-    "lee": (
-        "gensim",
-        "LGPL-2.1 (gensim test data)",
-        "Lee, Pincombe and Welsh (2005) news corpus: 50 documents with averaged human similarity "
-        "judgements of all 1,225 pairs, shipped in gensim's test data; sts/LeeNews",
-    ),
-    "lee_background": (
-        "gensim",
-        "LGPL-2.1 (gensim test data)",
-        "Lee background corpus: 300 news articles (none of them among the 50 judged ones), "
-        "shipped in gensim's test data; training rows (article start -> continuation)",
-    ),
-}
 
 TASKS = (
     ("sts", "LeeNews"),
@@ -72,107 +47,11 @@ TASKS = (
 )
 
 
-def demo_attribution() -> str:
-    """Markdown bullet lines crediting each demo data source, for the README.
-
-    Returns:
-        One line per entry of `DEMO_SOURCES`: name, package, licence, description.
-    """
-    return "\n".join(
-        f"- `{name}` (pip package `{pkg}`, {lic}): {desc}." for name, (pkg, lic, desc) in DEMO_SOURCES.items()
-    )
-
-
-def _package_dir(module: str) -> Path:
-    """The installed folder of `module`, found without importing it (gensim's import is slow)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"demo data needs the Python package '{module}', which is not installed: {INSTALL_HINT}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _key(text: str) -> str:
-    """Comparison key: case- and whitespace-insensitive, so near-identical prompts split together."""
-    return " ".join(text.casefold().split())
-
-
-def _unit_hash(text: str) -> float:
-    """A stable number in [0, 1) for a text (sha1; independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha1(f"dsembed-demo|{_key(text)}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-# ---------------------------------------------------------------------------------------------
-# chatterbot-corpus
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Pair:
-    prompt: str
-    response: str
-    category: str
-
-
-def _chatterbot_pairs() -> list[_Pair]:
-    """Unique (prompt, response) pairs of consecutive turns in the English YAML files, file order."""
-    import yaml  # a dependency of dsembed itself (recipes)
-
-    folder = _package_dir("chatterbot_corpus") / "data" / "english"
-    files = sorted(folder.glob("*.yml"))
-    if not files:
-        raise DataError(f"{folder}: no English .yml files; reinstall the corpus: {INSTALL_HINT}")
-    pairs: list[_Pair] = []
-    seen: set[tuple[str, str]] = set()
-    for path in files:
-        with open(path, encoding="utf-8") as fh:
-            doc = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-        names = doc.get("categories") or [path.stem]
-        category = "_".join(str(names[0]).lower().split())
-        for conversation in doc.get("conversations") or []:
-            # A few entries are malformed (a bare string instead of a list of turns): skip them.
-            if not isinstance(conversation, list):
-                continue
-            turns = [
-                str(t).strip() if isinstance(t, (str, int, float)) and not isinstance(t, bool) else ""
-                for t in conversation
-            ]
-            for prompt, response in zip(turns, turns[1:]):
-                if not prompt or not response or (prompt, response) in seen:
-                    continue
-                seen.add((prompt, response))
-                pairs.append(_Pair(prompt, response, category))
-    return pairs
-
-
-@dataclass(frozen=True)
-class _ChatterbotSplit:
-    pairs: list[_Pair]  # every unique pair
-    train: list[_Pair]
-    held_out: list[_Pair]  # pairs whose prompt is held out (evaluation only)
-
-
-def _chatterbot_split() -> _ChatterbotSplit:
-    """Hold out a hash-chosen share of prompts; drop training pairs touching any held-out text.
-
-    The split is by prompt key, so all responses of a held-out prompt are held out together; a
-    training pair is dropped when its prompt or response equals (by `_key`) any held-out prompt or
-    response, which keeps every evaluation text unseen in training (multi-turn conversations
-    chain texts as response then prompt).
-    """
-    pairs = _chatterbot_pairs()
-    held_out = [p for p in pairs if _unit_hash(p.prompt) < HELD_OUT_FRACTION]
-    held_keys = {_key(p.prompt) for p in held_out} | {_key(p.response) for p in held_out}
-    train = [
-        p for p in pairs
-        if _key(p.prompt) not in held_keys and _key(p.response) not in held_keys
-    ]
-    return _ChatterbotSplit(pairs=pairs, train=train, held_out=held_out)
-
-
 def _chatterbot_rows() -> list[dict]:
-    split = _chatterbot_split()
+    split = chatterbot_split()
     responses_of: dict[str, set[str]] = defaultdict(set)
     for p in split.train:
-        responses_of[_key(p.prompt)].add(p.response)
+        responses_of[text_key(p.prompt)].add(p.response)
     # Candidate negatives per category, sorted so the seeded choice does not depend on set order.
     by_category: dict[str, list[str]] = defaultdict(list)
     for p in split.train:
@@ -182,13 +61,13 @@ def _chatterbot_rows() -> list[dict]:
 
     rows = []
     for p in split.train:
-        own = responses_of[_key(p.prompt)]
+        own = responses_of[text_key(p.prompt)]
         rng = random.Random(f"{NEGATIVE_SEED}|{p.prompt}|{p.response}")  # str seeds are stable
         negative = None
         # Same category first (the hard negative); a category whose responses all answer this
         # prompt (e.g. humor: one prompt with 30 jokes) falls back to the whole training pool.
         for pool in (by_category[p.category], everything):
-            candidates = [r for r in pool if r not in own and _key(r) != _key(p.response)]
+            candidates = [r for r in pool if r not in own and text_key(r) != text_key(p.response)]
             if candidates:
                 negative = candidates[rng.randrange(len(candidates))]
                 break
@@ -203,36 +82,21 @@ LEE_QUERY_WORDS = 40  # the start of an article, about one or two sentences
 LEE_POSITIVE_WORDS = 60  # its continuation; together about the length of a judged Lee document
 
 
-def _gensim_test_file(file_name: str) -> Path:
-    """A file of gensim's shipped test data; DataError naming it when it is missing."""
-    path = _package_dir("gensim") / "test" / "test_data" / file_name
-    if not path.is_file():
-        raise DataError(f"{path}: gensim test data missing; reinstall gensim: {INSTALL_HINT}")
-    return path
-
-
-def _lee_documents(file_name: str) -> list[str]:
-    """One news document per non-empty line of a gensim test-data file."""
-    # The files are Windows-1252 (a pound sign as byte 0xA3), not UTF-8.
-    lines = _gensim_test_file(file_name).read_bytes().decode("cp1252", errors="replace").splitlines()
-    return [line.strip() for line in lines if line.strip()]
-
-
 def _lee_background_rows() -> list[dict]:
     """Article start -> continuation pairs from the 300 background articles (no hard negative:
     with data.num_negatives > 0 the loader fills in another row's positive, i.e. another article)."""
-    judged = {_key(d) for d in _lee_documents("lee.cor")}
+    judged = {text_key(d) for d in lee_documents("lee.cor")}
     rows, seen_starts = [], set()
-    for doc in _lee_documents("lee_background.cor"):
-        if _key(doc) in judged:  # none are today; keeps the STS task unseen if the data changes
+    for doc in lee_documents("lee_background.cor"):
+        if text_key(doc) in judged:  # none are today; keeps the STS task unseen if the data changes
             continue
         words = doc.split()
         query = " ".join(words[:LEE_QUERY_WORDS])
         # The corpus repeats some stories (10 of 300 share their opening): one row each, so that
         # a repeat never sits in the same batch as a "negative" of itself.
-        if len(words) < LEE_QUERY_WORDS + 10 or _key(query) in seen_starts:
+        if len(words) < LEE_QUERY_WORDS + 10 or text_key(query) in seen_starts:
             continue
-        seen_starts.add(_key(query))
+        seen_starts.add(text_key(query))
         rows.append({"query": query,
                      "positive": " ".join(words[LEE_QUERY_WORDS:LEE_QUERY_WORDS + LEE_POSITIVE_WORDS]),
                      "source": "lee_background"})
@@ -266,8 +130,8 @@ def demo_training_rows(name: str) -> list[dict]:
 # Task builders: each returns {relative path: list of JSON-able rows or raw text}, plus sizes.
 # ---------------------------------------------------------------------------------------------
 def _lee_sts() -> tuple[dict[str, list], dict]:
-    docs = _lee_documents("lee.cor")
-    sims_path = _gensim_test_file("similarities0-1.txt")
+    docs = lee_documents("lee.cor")
+    sims_path = gensim_test_file("similarities0-1.txt")
     # A 50x50 matrix, upper triangle filled (diagonal 1, zeros below): pairs i < j, as gensim's
     # own test_lee.py reads it (np.triu_indices(n, 1)). Scores: averaged judgements scaled to 0..1.
     matrix = [[float(v) for v in line.split()] for line in sims_path.read_text().splitlines() if line.strip()]
@@ -282,25 +146,25 @@ def _lee_sts() -> tuple[dict[str, list], dict]:
     return {"test.jsonl": rows}, meta
 
 
-def _labelled_held_out_texts(split: _ChatterbotSplit) -> list[tuple[str, str]]:
+def _labelled_held_out_texts(split: ChatterbotSplit) -> list[tuple[str, str]]:
     """Held-out prompts and responses with their category; texts filed under two categories and
     categories too small for a train/test split are dropped. Sorted by a stable hash."""
     labels: dict[str, set[str]] = defaultdict(set)
     text_of: dict[str, str] = {}
     for p in split.held_out:
         for text in (p.prompt, p.response):
-            labels[_key(text)].add(p.category)
-            text_of.setdefault(_key(text), text)
+            labels[text_key(text)].add(p.category)
+            text_of.setdefault(text_key(text), text)
     items = [(text_of[k], next(iter(c))) for k, c in labels.items() if len(c) == 1]
     counts: dict[str, int] = defaultdict(int)
     for _, label in items:
         counts[label] += 1
     items = [(t, lab) for t, lab in items if counts[lab] >= MIN_TEXTS_PER_LABEL]
-    return sorted(items, key=lambda item: (_unit_hash("order|" + item[0]), item[0]))
+    return sorted(items, key=lambda item: (unit_hash("order|" + item[0]), item[0]))
 
 
 def _chatterbot_tasks() -> dict[tuple[str, str], tuple[dict[str, list], dict]]:
-    split = _chatterbot_split()
+    split = chatterbot_split()
     licence = {"source": "chatterbot"}
 
     # Retrieval: held-out prompts as queries; every unique response of the corpus (training ones
@@ -310,8 +174,8 @@ def _chatterbot_tasks() -> dict[tuple[str, str], tuple[dict[str, list], dict]]:
     relevant: dict[str, set[str]] = defaultdict(set)
     prompt_text: dict[str, str] = {}
     for p in split.held_out:
-        prompt_text.setdefault(_key(p.prompt), p.prompt)
-        relevant[_key(p.prompt)].add(doc_id[p.response])
+        prompt_text.setdefault(text_key(p.prompt), p.prompt)
+        relevant[text_key(p.prompt)].add(doc_id[p.response])
     query_keys = sorted(relevant)
     queries = [{"_id": f"q{i}", "text": prompt_text[k]} for i, k in enumerate(query_keys)]
     qrels = ["query-id\tcorpus-id\tscore"] + [
