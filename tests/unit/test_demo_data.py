@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dsembed import demo_data
+from dsembed.data import demo as demo_data
+from dsembed.data import demo_sources
 from dsembed.errors import DataError
 
 pytestmark = pytest.mark.skipif(
@@ -70,8 +71,8 @@ def test_lee_background_rows_are_unseen_articles(tasks_root):
     assert len({r["query"] for r in background}) == len(background)
     # No judged STS document is trained on, whole or in part.
     pairs = _jsonl(tasks_root / "sts" / "LeeNews" / "test.jsonl")
-    judged = {demo_data.text_key(t) for p in pairs for t in (p["sentence1"], p["sentence2"])}
-    assert not any(demo_data.text_key(r["query"]) in j or demo_data.text_key(r["positive"]) in j
+    judged = {demo_sources.text_key(t) for p in pairs for t in (p["sentence1"], p["sentence2"])}
+    assert not any(demo_sources.text_key(r["query"]) in j or demo_sources.text_key(r["positive"]) in j
                    for r in background for j in judged)
     assert demo_data.demo_training_rows("lee_background") == background
 
@@ -84,7 +85,7 @@ def test_unknown_name_lists_known_names():
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(demo_data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo_sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install chatterbot-corpus gensim"):
         demo_data.demo_training_rows("chatterbot")
     with pytest.raises(DataError, match="pip install"):
@@ -92,7 +93,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_held_out_texts_never_in_training(rows, tasks_root):
-    key = demo_data.text_key
+    key = demo_sources.text_key
     train_texts = {key(r[k]) for r in rows for k in ("query", "positive", "negative")}
     retrieval = tasks_root / "retrieval" / "ChatterbotQA"
     queries = {q["_id"]: q["text"] for q in _jsonl(retrieval / "queries.jsonl")}
@@ -177,6 +178,6 @@ def test_interrupted_write_is_rebuilt(tmp_path):
 
 
 def test_attribution_covers_sources():
-    text = demo_data.demo_attribution()
-    for name, (package, licence, _) in demo_data.DEMO_SOURCES.items():
+    text = demo_sources.demo_attribution()
+    for name, (package, licence, _) in demo_sources.DEMO_SOURCES.items():
         assert name in text and package in text and licence in text
