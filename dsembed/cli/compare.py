@@ -1,12 +1,12 @@
 """dsembed-compare: the study report — variants x categories with significance against a baseline.
 
-    dsembed-compare results/model*.json --baseline model1 --output report/ [--holm] [--reference base]
+    dsembed-compare results/model*.json --baseline model1 --output report/ [--holm-family per_variant] [--reference base]
 
 Writes report.md (category table, best in bold, ▲*/▼* = Wilcoxon p < 0.05 vs the baseline; p-value
 table; one answer line per variant and category; per-dataset scores with paired bootstrap 95% intervals), comparison.csv (one row per dataset x
 variant), comparison.json and category_means.png, differences.png, layer_weights.png (when results
 carry learned layer weights). comparison.json:
-  {"baseline", "variants", "references", "alpha", "holm", "n_tests", "n_resamples",
+  {"baseline", "variants", "references", "alpha", "holm", "holm_family", "holm_family_size", "n_tests", "n_resamples",
    "categories": {CAT: {"tasks", "means": {variant: float},
                         "tests": {variant: {"statistic", "pvalue", "n", "mean_difference",
                                             "p_holm", "significant"}}}},
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", required=True, metavar="NAME")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--holm", action="store_true", help="Holm-adjust the Wilcoxon p-values "
-                   "over all variant x category tests (the paper does not)")
+                   "over all variant x category tests (the paper does not); as --holm-family all")
+    p.add_argument("--holm-family", choices=["none", "all", "per_variant"], default=None,
+                   help="the Holm family: none (the paper's uncorrected test), all (every variant x category "
+                        "test), per_variant (each variant's tests over the categories)")
     p.add_argument("--reference", action="append", default=[], metavar="NAME",
                    help="a variant shown but not tested (no Wilcoxon, not in the Holm family); repeatable")
     p.add_argument("--alpha", type=float, default=0.05)
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = load_results(args.results)
     comparison = compare(variants, args.baseline, use_holm=args.holm, alpha=args.alpha,
-                         n_resamples=args.resamples, seed=args.seed, references=args.reference)
+                         n_resamples=args.resamples, seed=args.seed, references=args.reference,
+                         holm_family=args.holm_family)
     written = write_report(comparison, args.output)
     print(markdown(comparison))
     print("written: " + ", ".join(str(w) for w in written))

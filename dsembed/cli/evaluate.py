@@ -22,7 +22,7 @@ An exported model's README.md (model card) gets the scores: the hub's model-inde
 results table (the main scores of every evaluation so far are kept in MODEL_DIR/eval_results.json).
 
 Results JSON (format "dsembed-eval/1"):
-  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "fingerprint"}, "mteb_version",
+  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint"}, "mteb_version",
    "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks"},
    "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
    "layer_weights": {"layers": [int], "norms": [float]} | null,
@@ -313,7 +313,9 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     info: dict[str, Any] = {"name": _model_name(args)}
     info.update({"recipe": str(args.base)} if args.base else {"path": str(args.model_dir)})
     if recipe is not None:
-        info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode)
+        # train_seed: results of one variant trained with several seeds are told apart (and
+        # averaged per dataset) by dsembed-compare
+        info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode, train_seed=recipe.train.seed)
     info["fingerprint"] = job["store"].model
     results["model"] = info
     results["mteb_version"] = mteb.__version__

@@ -24,10 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
                         help="extra launcher argument, repeatable, e.g. --launcher-arg=--master_port=29600 "
                              "(replaces the study's launcher_args)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the stages, their estimated wall time here and the study's statistical power; "
+                             "train and evaluate nothing")
     args = parser.parse_args(argv)
     hostfile = str(Path(args.hostfile).resolve()) if args.hostfile else None  # relative to the working directory
     study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg},
                              args.override, args.tasks_dir)
+    if args.plan:
+        from dsembed.study.plan import plan
+
+        plan(study, root, Path(args.output_dir) if args.output_dir else None)
+        return 0
     report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale).run()
     print(f"[study {study.name}] report: {report}/report.md", flush=True)
     return 0

@@ -53,12 +53,18 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
+HOLM_FAMILIES = ("none", "all", "per_variant")
+
+
 def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
             alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
-            references: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+            references: tuple[str, ...] | list[str] = (), holm_family: str | None = None) -> dict[str, Any]:
     """The comparison record of all variants against `baseline` (schema in dsembed/cli/compare.py).
 
     Args:
+        use_holm: Holm over every variant x category test (the same as holm_family="all").
+        holm_family: "none", "all" (every variant x category test) or "per_variant" (each variant's
+            tests over the categories: the paper's question per design); overrides use_holm.
         references: variants shown in the tables (with bootstrap intervals) but not tested: no
             Wilcoxon test and not in the Holm family (e.g. the untrained `base` of an ablation study,
             whose questions are the ablations against the full method).
@@ -67,6 +73,10 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
         UserError: the baseline is not among the variants, a reference is unknown or is the baseline,
             or fewer than two variants.
     """
+    family = holm_family or ("all" if use_holm else "none")
+    if family not in HOLM_FAMILIES:
+        raise UserError(f"--holm-family {family!r}: use one of {', '.join(HOLM_FAMILIES)}")
+    use_holm = family != "none"
     if baseline not in variants:
         raise UserError(f"--baseline {baseline!r} is not one of the results: {', '.join(variants)}")
     if len(variants) < 2:
@@ -91,8 +101,14 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
             "tests": {v: statistics.wilcoxon_test(score[baseline], score[v]).to_dict() for v in tested},
         }
     tests = [(cat, v) for cat in categories for v in tested]
-    adjusted = statistics.holm([categories[c]["tests"][v]["pvalue"] for c, v in tests], alpha) \
-        if use_holm and tests else [None] * len(tests)
+    families = [tests] if family == "all" else [[(c, v) for c, t in tests if t == v] for v in tested] \
+        if family == "per_variant" else []
+    adjusted_of = {test: None for test in tests}
+    for members in families:
+        if members:
+            values = statistics.holm([categories[c]["tests"][v]["pvalue"] for c, v in members], alpha)
+            adjusted_of.update(zip(members, values))
+    adjusted = [adjusted_of[test] for test in tests]
     for (cat, v), p_adj in zip(tests, adjusted):
         test = categories[cat]["tests"][v]
         test["p_holm"] = p_adj
@@ -116,7 +132,8 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
         datasets[name] = record
     layer_weights = {v: r["layer_weights"] for v, r in variants.items() if r.get("layer_weights")}
     return {"baseline": baseline, "variants": list(variants), "references": list(references),
-            "alpha": alpha, "holm": use_holm, "n_tests": len(tests), "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
+            "alpha": alpha, "holm": use_holm, "holm_family": family,
+            "holm_family_size": max((len(m) for m in families), default=1), "n_tests": len(tests), "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
             "layer_weights": layer_weights}
 
 
@@ -130,9 +147,15 @@ def markdown(comparison: dict[str, Any]) -> str:
     """Markdown: variants x categories (best in bold, * = significant vs baseline), then datasets."""
     cats, base = list(comparison["categories"]), comparison["baseline"]
     p_name = "Holm-adjusted p" if comparison["holm"] else "p"
+    family = comparison.get("holm_family", "all" if comparison["holm"] else "none")
+    family_text = {"none": "no correction (the paper's uncorrected Wilcoxon)",
+                   "all": f"Holm over all {comparison['n_tests']} variant x category tests",
+                   "per_variant": f"Holm per variant over its {comparison.get('holm_family_size')} category tests "
+                                  "(the paper's question for each design)"}[family]
     out = [f"# Comparison against `{base}`", "",
            f"Category means x100 over the datasets all variants have. ▲*/▼*: Wilcoxon signed-rank "
-           f"(two-sided, paired over datasets) {p_name} < {comparison['alpha']} vs the baseline.", "",
+           f"(two-sided, paired over datasets) {p_name} < {comparison['alpha']} vs the baseline. "
+           f"Multiple testing: {family_text}.", "",
            "| variant | " + " | ".join(f"{c} ({len(comparison['categories'][c]['tasks'])})" for c in cats) + " |",
            "|---|" + "---:|" * len(cats)]
     for v in comparison["variants"]:
@@ -144,7 +167,8 @@ def markdown(comparison: dict[str, Any]) -> str:
                 text = f"**{text}**"
             cells.append(text + _mark(record["tests"].get(v)))
         out.append(f"| {v}{' (baseline)' if v == base else ''} | " + " | ".join(cells) + " |")
-    out += ["", f"Wilcoxon {p_name} per category:", "", "| variant | " + " | ".join(cats) + " |",
+    both = " (uncorrected, as the paper / Holm-adjusted)" if comparison["holm"] else ""
+    out += ["", f"Wilcoxon p per category{both}:", "", "| variant | " + " | ".join(cats) + " |",
             "|---|" + "---:|" * len(cats)]
     references = comparison.get("references", [])
     for v in comparison["variants"]:
@@ -153,9 +177,9 @@ def markdown(comparison: dict[str, Any]) -> str:
         cells = []
         for c in cats:
             t = comparison["categories"][c]["tests"][v]
-            p = t["p_holm"] if comparison["holm"] else t["pvalue"]
+            p = f"{t['pvalue']:.3g}" + (f" / {t['p_holm']:.3g}" if comparison["holm"] else "")
             tied = f", {t['n_zero']} tied" if t.get("n_zero") else ""  # zero differences: not in n
-            cells.append(f"{p:.3g} (n={t['n']}{tied})")
+            cells.append(f"{p} (n={t['n']}{tied})")
         out.append(f"| {v} | " + " | ".join(cells) + " |")
     out += ["", f"## Answers: each variant against `{base}`", ""] + [f"- {line}" for line in answers(comparison)]
     if references:
@@ -196,7 +220,9 @@ def answers(comparison: dict[str, Any]) -> list[str]:
                     f"Wilcoxon p = {p:.3g} (n = {test['n']}); p < {alpha}: {held}")
             if comparison["holm"]:
                 holds = "yes" if test["significant"] else "no"
-                line += f"; after Holm over {comparison['n_tests']} tests (p = {test['p_holm']:.3g}): {holds}"
+                size = comparison.get("holm_family_size", comparison["n_tests"])
+                scope = f"{v}'s {size} tests" if comparison.get("holm_family") == "per_variant" else f"{size} tests"
+                line += f"; after Holm over {scope} (p = {test['p_holm']:.3g}): {holds}"
             lines.append(line)
     return lines
 

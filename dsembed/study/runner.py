@@ -65,7 +65,13 @@ class StudyConfig:
     eval_limit: int | None = None
     eval_limits: dict[str, int] = field(default_factory=dict)  # per task name, over eval_limit
     probe_base: bool = False  # score every layer of the untrained backbone (dsembed-probe-layers) too
-    holm: bool = False
+    # Holm's correction of the Wilcoxon p-values: false/none (the paper's uncorrected test), all (every
+    # variant x category test in one family; true means the same), per_variant (each variant against
+    # the baseline over its categories: the paper's question per design)
+    holm: bool | Literal["none", "all", "per_variant"] = False
+    # train.seed of each training run: every variant trains and is evaluated once per seed (stages
+    # "<variant>-s<seed>"); None keeps one run per variant with the recipe's own seed
+    seeds: list[int] | None = None
 
 
 def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -127,6 +133,8 @@ def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides
         raise RecipeError(f"{where}: variants: the name {BASE_NAME!r} is reserved for the untrained backbone")
     if not study.tasks and study.tasks_dir is None:
         raise RecipeError(f"{where}: give tasks (presets or MTEB names) or tasks_dir")
+    if study.seeds is not None and (not study.seeds or len(set(study.seeds)) != len(study.seeds)):
+        raise RecipeError(f"{where}: seeds = {study.seeds} should list distinct seeds (or leave seeds out: one run)")
     root = path.resolve().parent
     for name in study.variants:
         recipe = load_recipe(_recipe_path(study, root, name), _overrides(study, name))
@@ -145,8 +153,32 @@ def _recipe_path(study: StudyConfig, root: Path, name: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _overrides(study: StudyConfig, name: str) -> list[str]:
-    return list(study.overrides) + list(study.variant_overrides.get(name, []))
+def _overrides(study: StudyConfig, name: str, seed: int | None = None) -> list[str]:
+    seeded = [] if seed is None else [f"train.seed={seed}"]
+    return list(study.overrides) + list(study.variant_overrides.get(name, [])) + seeded
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run of a study: a variant at one seed (seed None: the recipe's own, one run)."""
+
+    variant: str
+    seed: int | None
+    key: str  # folder and results name: the variant, or "<variant>-s<seed>"
+
+
+def training_runs(study: StudyConfig) -> list[TrainingRun]:
+    """Every (variant, seed) run of the study, variant by variant."""
+    if study.seeds is None:
+        return [TrainingRun(name, None, name) for name in study.variants]
+    return [TrainingRun(name, seed, f"{name}-s{seed}") for name in study.variants for seed in study.seeds]
+
+
+def holm_family(study: StudyConfig) -> str:
+    """The study's Holm family: "none", "all" or "per_variant" (true means all)."""
+    if study.holm is True:
+        return "all"
+    return "none" if study.holm is False else study.holm
 
 
 def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root: Path = Path(".")) -> list[str]:
@@ -193,9 +225,9 @@ class StudyRunner:
             return ["--tasks-dir", str(tasks_dir if tasks_dir.is_absolute() else self.root / tasks_dir)]
         return ["--tasks", *self.study.tasks]
 
-    def _evaluate_command(self, target: list[str], name: str, tasks: list[str]) -> list[str]:
+    def _evaluate_command(self, target: list[str], name: str, tasks: list[str], results_name: str | None = None) -> list[str]:
         command = [sys.executable, "-m", "dsembed.cli.evaluate", *target, *tasks, "--name", name,
-                   "--output", str(self.out / "results" / f"{name}.json"),
+                   "--output", str(self.out / "results" / f"{results_name or name}.json"),
                    "--results-dir", str(self.out / "mteb-results"),  # mteb's own layout, beside dsembed's
                    "--batch-size", str(self.study.eval_batch_size)]
         if self.study.nproc > 1:  # the training processes' devices encode in parallel (rank 0 scores)
@@ -229,9 +261,10 @@ class StudyRunner:
         evaluation = {"tasks": study.tasks, "tasks_dir": study.tasks_dir, "batch_size": study.eval_batch_size,
                       "limit": study.eval_limit, "limits": study.eval_limits}
         stages: dict[str, dict[str, Any]] = {}
-        for name in study.variants:
+        for run in training_runs(study):
+            name = run.key
             run_dir = out / "runs" / name
-            recipe = load_recipe(_recipe_path(study, self.root, name), _overrides(study, name))
+            recipe = load_recipe(_recipe_path(study, self.root, run.variant), _overrides(study, run.variant, run.seed))
             trained = recipe_fingerprint(recipe)
             partial = None
             if not (run_dir / "TRAINED").exists() and (run_dir / "recipe.yaml").is_file():
@@ -272,7 +305,7 @@ class StudyRunner:
                 found = ledger.stale(label, entry["fingerprint"])
                 if found is not None:
                     stale[label] = found
-        for name in self.study.variants:  # a retrained variant's export and evaluation are stale too
+        for name in (run.key for run in training_runs(self.study)):  # a retrained run's export and evaluation are stale too
             for label in (f"export {name}", f"evaluate {name}"):
                 if f"train {name}" in stale and label not in stale and stages[label]["output"].exists():
                     stale[label] = ["its training stage changed"]
@@ -305,7 +338,7 @@ class StudyRunner:
         tasks = self.tasks_arguments()
         for sub in ("runs", "models", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        names = list(study.variants)
+        runs = training_runs(study)
 
         def stage(key: str, label: str, done: str, command: list[str]) -> None:
             # recorded before the stage runs: a study killed just after the stage finished must
@@ -316,11 +349,12 @@ class StudyRunner:
             else:
                 self._run(label, command)
 
-        for i, name in enumerate(names, 1):
-            recipe = _recipe_path(study, self.root, name)
+        for i, run in enumerate(runs, 1):
+            name = run.key
+            recipe = _recipe_path(study, self.root, run.variant)
             run_dir, model_dir = out / "runs" / name, out / "models" / name
-            overrides = _overrides(study, name) + [f"train.output_dir={run_dir}"]
-            prefix = f"({i}/{len(names)}) {name}"
+            overrides = _overrides(study, run.variant, run.seed) + [f"train.output_dir={run_dir}"]
+            prefix = f"({i}/{len(runs)}) {name}"
             ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
             if (run_dir / "TRAINED").exists():
                 print(f"[study {study.name}] {prefix}: trained already", flush=True)
@@ -329,19 +363,20 @@ class StudyRunner:
                 (run_dir / "TRAINED").write_text("ok\n")
             stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
                   [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
+            # results of a variant's seeds share its name: dsembed-compare averages them per dataset
             stage(f"evaluate {name}", f"{prefix}: evaluate", f"{prefix}: evaluated already",
-                  self._evaluate_command([str(model_dir)], name, tasks))
+                  self._evaluate_command([str(model_dir)], run.variant, tasks, results_name=name))
         if study.include_base:
             stage(f"evaluate {BASE_NAME}", f"{BASE_NAME}: evaluate", f"{BASE_NAME}: evaluated already",
                   self._evaluate_command(self._base_target(), BASE_NAME, tasks))
         if study.probe_base:
             stage(f"probe {BASE_NAME}", f"{BASE_NAME}: probe layers", f"{BASE_NAME}: probed already",
                   self._probe_command(tasks))
-        results = [str(out / "results" / f"{n}.json") for n in ([BASE_NAME] if study.include_base else []) + names]
-        baseline = study.baseline or (BASE_NAME if study.include_base else names[0])
-        compare = [sys.executable, "-m", "dsembed.cli.compare", *results, "--baseline", baseline, "--output", str(out / "report")]
-        if study.holm:
-            compare.append("--holm")
+        results = [str(out / "results" / f"{n}.json")
+                   for n in ([BASE_NAME] if study.include_base else []) + [run.key for run in runs]]
+        baseline = study.baseline or (BASE_NAME if study.include_base else runs[0].variant)
+        compare = [sys.executable, "-m", "dsembed.cli.compare", *results, "--baseline", baseline,
+                   "--output", str(out / "report"), "--holm-family", holm_family(study)]
         if study.include_base and baseline != BASE_NAME:
             compare += ["--reference", BASE_NAME]  # shown, not a question of the study: outside the Holm family
         self._run("compare", compare)

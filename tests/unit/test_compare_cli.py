@@ -125,3 +125,27 @@ def test_ablation_answers_with_a_reference_row_outside_the_holm_family(tmp_path)
     assert run_cli(main, [*map(str, paths), "--baseline", "all", "--output", str(tmp_path / "x"),
                           "--reference", "all"]) == 2  # the baseline cannot be a reference
     assert not (tmp_path / "x").exists()
+
+
+def test_holm_families_all_and_per_variant_differ_and_the_report_names_them():
+    from dsembed.evaluation.report import compare, markdown
+    from dsembed.evaluation.statistics import holm
+
+    variants = {"model1": _fake_results("model1", 0.3, seed=1), "model2": _fake_results("model2", 0.9, seed=2),
+                "model3": _fake_results("model3", 0.6, seed=3)}
+    per = compare(variants, "model1", holm_family="per_variant", n_resamples=20)
+    every = compare(variants, "model1", use_holm=True, n_resamples=20)
+    none = compare(variants, "model1", n_resamples=20)
+    cats = list(per["categories"])
+    assert per["holm_family_size"] == len(cats) and every["holm_family_size"] == 2 * len(cats)
+    for v in ("model2", "model3"):
+        raw = [per["categories"][c]["tests"][v]["pvalue"] for c in cats]
+        assert [per["categories"][c]["tests"][v]["p_holm"] for c in cats] == holm(raw)
+    all_raw = [every["categories"][c]["tests"][v]["pvalue"] for c in cats for v in ("model2", "model3")]
+    assert [every["categories"][c]["tests"][v]["p_holm"] for c in cats for v in ("model2", "model3")] == holm(all_raw)
+    assert all(t["p_holm"] is None for c in cats for t in none["categories"][c]["tests"].values())
+    text = markdown(per)
+    assert "Holm per variant over its 4 category tests" in text and "after Holm over model2's 4 tests" in text
+    sts = per["categories"]["sts"]["tests"]["model2"]
+    assert f"{sts['pvalue']:.3g} / {sts['p_holm']:.3g}" in text  # the paper's uncorrected p stays beside Holm's
+    assert "no correction" in markdown(none)

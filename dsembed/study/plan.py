@@ -1,0 +1,195 @@
+"""`dsembed-study FILE --plan`: what a study would run, how long it would take here, and what it can decide.
+
+Nothing is trained or evaluated. The plan
+- lists every stage and whether it is finished already;
+- estimates each stage's wall time on this machine from a few timed passes of each recipe's model
+  (seconds in all): a training step is one forward + backward of a real micro-batch of the recipe's
+  data (x 1.5 with cached steps, which embed the batch once more without a graph), an evaluation is
+  the tokens of every task at the study's limits divided by the model's measured encode throughput;
+- gives per category the number of datasets, the smallest two-sided p a Wilcoxon signed-rank test
+  over them can reach (2 / 2^n, every sign the same), and whether the study's Holm family can reach
+  p < alpha at all (Holm rejects nothing unless the smallest p times the family size is below alpha).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dsembed.config import Recipe, load_recipe
+from dsembed.evaluation.presets import CATEGORIES
+from dsembed.study.runner import BASE_NAME, StudyConfig, StudyRunner, _overrides, _recipe_path, holm_family, training_runs
+
+CACHED_STEP_FACTOR = 1.5  # GradCache: a no-graph forward of the batch before the forward + backward
+
+
+def smallest_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p of an exact Wilcoxon signed-rank test over n paired datasets."""
+    return 1.0 if n < 1 else min(1.0, 2.0 / 2 ** n)
+
+
+def power_table(datasets_per_category: dict[str, int], family: str, n_tested: int,
+                alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Per category: n datasets, the smallest Wilcoxon p, and whether it can go below alpha at all.
+
+    The best case of the study's Holm family: every test at the smallest p its category allows.
+    "all" holds n_tested x categories tests, "per_variant" one test per category (for each variant),
+    "none" leaves the p-values uncorrected. A category that cannot reach alpha even then cannot reach
+    it with any data.
+    """
+    from dsembed.evaluation.statistics import holm
+
+    categories = list(datasets_per_category)
+    smallest = [smallest_wilcoxon_p(datasets_per_category[c]) for c in categories]
+    copies = n_tested if family == "all" else 1
+    best = smallest * copies if family != "none" else smallest
+    adjusted = holm(best, alpha)[:len(categories)] if family != "none" else best
+    size = {"none": 1, "all": copies * len(categories), "per_variant": len(categories)}[family]
+    return [{"category": c, "n": datasets_per_category[c], "min_p": p, "best_p_after_correction": a,
+             "family_size": size, "reachable": a < alpha}
+            for c, p, a in zip(categories, smallest, adjusted)]
+
+
+@dataclass
+class Timing:
+    """Measured costs of one recipe's model on this machine."""
+
+    build_s: float  # building the model (backbone load + LoRA + head)
+    step_s: float  # one optimizer step (forward + backward of the contrastive batch, all accumulation)
+    tokens_per_s: float  # encode throughput in eval mode
+
+
+def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2) -> Timing:
+    """Time a model build, `repeats` forward+backward passes of one real micro-batch, and an encode.
+
+    Args:
+        recipe: the variant's recipe (with the study's overrides).
+        texts: sample evaluation texts for the encode throughput.
+        repeats: passes of each kind; the fastest counts (the first warms the kernels up).
+    """
+    import torch
+
+    from dsembed.data.batches import collate
+    from dsembed.data.rows import load_examples
+    from dsembed.modeling.model import build_model
+    from dsembed.training.loss import info_nce
+
+    start = time.perf_counter()
+    model = build_model(recipe, attn_fallback=True)
+    build_s = time.perf_counter() - start
+    examples = load_examples(recipe)[: recipe.train.micro_batch_size]
+    batch = collate(examples, model.tokenizer, recipe)
+    model.train()
+    passes = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        q = model(**batch["query"])  # [b, D]
+        d = model(**batch["documents"])  # [b*(1+n), D]
+        info_nce(q, d, recipe.loss.temperature, gather=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        passes.append(time.perf_counter() - begin)
+    factor = CACHED_STEP_FACTOR if recipe.train.cache_chunk_size else 1.0
+    step_s = min(passes) * recipe.train.gradient_accumulation_steps * factor
+    sample = texts[:64] or ["a short text"]
+    tokens = sum(len(ids) for ids in model._token_ids(sample, None))
+    encodes = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            model.encode(sample, batch_size=32)
+            encodes.append(time.perf_counter() - begin)
+    return Timing(build_s, step_s, tokens / min(encodes))
+
+
+def _task_texts(task: Any) -> list[str]:
+    """The distinct texts an evaluation of this loaded (and limited) task embeds."""
+    from mteb.abstasks import AbsTaskClassification, AbsTaskClusteringLegacy, AbsTaskRetrieval, AbsTaskSTS
+
+    from dsembed.evaluation.tasks import _containers
+
+    texts: list[str] = []
+    for box in _containers(task):
+        for part in box.values():
+            if isinstance(task, AbsTaskRetrieval):
+                texts += list(part["queries"]["text"]) + [f"{t} {x}".strip() for t, x in
+                                                          zip(part["corpus"]["title"], part["corpus"]["text"])]
+            elif isinstance(task, AbsTaskSTS):
+                texts += list(part["sentence1"]) + list(part["sentence2"])
+            elif isinstance(task, AbsTaskClusteringLegacy):
+                texts += [s for row in part["sentences"] for s in row]
+            elif isinstance(task, AbsTaskClassification):
+                texts += list(part["text"])
+    return list(dict.fromkeys(texts))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float = 0.05,
+         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Print and return the plan of a study: stages, estimated wall times, power, chance levels.
+
+    Returns:
+        {"stages": [{"stage", "finished", "estimate_s"}], "total_s", "power": [...], "tasks": {...}}
+    """
+    from dsembed.evaluation.run import category_of, named_tasks, prepare_tasks
+    from dsembed.evaluation.tasks import load_local_tasks
+
+    runner = StudyRunner(study, root, out)
+    arguments = runner.tasks_arguments()
+    tasks = load_local_tasks(arguments[1]) if arguments[0] == "--tasks-dir" else named_tasks(arguments[1:])
+    prepare_tasks(tasks, study.eval_limit, task_limits=dict(study.eval_limits))
+    texts = {t.metadata.name: _task_texts(t) for t in tasks}
+    by_category = {c: sum(1 for t in tasks if category_of(t) == c) for c in CATEGORIES}
+    by_category = {c: n for c, n in by_category.items() if n}
+    sample = [text for name in texts for text in texts[name][:8]]
+
+    timings: dict[str, Timing] = {}
+    for variant in study.variants:
+        recipe = load_recipe(_recipe_path(study, root, variant), _overrides(study, variant))
+        timings[variant] = time_recipe(recipe, sample)
+        log(f"[plan] timed {variant}: build {timings[variant].build_s:.1f} s, step {timings[variant].step_s:.2f} s, "
+            f"encode {timings[variant].tokens_per_s:.0f} tokens/s")
+    first = load_recipe(_recipe_path(study, root, next(iter(study.variants))), _overrides(study, next(iter(study.variants))))
+    from dsembed.modeling.backbone import load_backbone
+
+    _, tokenizer = load_backbone(first.model, attn_fallback=True)
+    m = first.model
+    tokens = {name: sum(min(len(ids), m.max_length) for ids in tokenizer(list(batch), add_special_tokens=False)["input_ids"])
+              + len(batch) * int(m.append_eos) for name, batch in texts.items() if batch}
+
+    def eval_seconds(timing: Timing) -> float:
+        return timing.build_s + sum(tokens.values()) / timing.tokens_per_s
+
+    stages = runner._stages()
+    rows = []
+    for run in training_runs(study):
+        t = timings[run.variant]
+        recipe = load_recipe(_recipe_path(study, root, run.variant), _overrides(study, run.variant, run.seed))
+        estimates = {f"train {run.key}": t.build_s + recipe.train.max_steps * t.step_s,
+                     f"export {run.key}": 2 * t.build_s, f"evaluate {run.key}": eval_seconds(t)}
+        rows += [{"stage": label, "finished": stages[label]["output"].exists(), "estimate_s": seconds}
+                 for label, seconds in estimates.items()]
+    base_timing = timings[next(iter(study.variants))]
+    for label in (f"evaluate {BASE_NAME}",) * study.include_base + (f"probe {BASE_NAME}",) * study.probe_base:
+        rows.append({"stage": label, "finished": stages[label]["output"].exists(), "estimate_s": eval_seconds(base_timing)})
+    total = sum(r["estimate_s"] for r in rows if not r["finished"])
+
+    family = holm_family(study)
+    baseline = study.baseline or (BASE_NAME if study.include_base else next(iter(study.variants)))
+    tested = sum(1 for v in study.variants if v != baseline)  # base is a reference row unless it is the baseline
+    power = power_table(by_category, family, tested, alpha)
+    log(f"Study {study.name}: {len(rows)} stages, {sum(r['finished'] for r in rows)} finished; "
+        f"estimated {_minutes(total)} for the rest on this machine")
+    for r in rows:
+        log(f"  {r['stage']:<40} {'finished' if r['finished'] else _minutes(r['estimate_s'])}")
+    log(f"Power: Wilcoxon over the datasets of a category, Holm family '{family}' "
+        f"({power[0]['family_size'] if power else 0} test(s) per family), alpha {alpha}:")
+    for row in power:
+        log(f"  {row['category']:<15} n = {row['n']:<3} smallest p = {row['min_p']:.4g}  "
+            f"best case after correction {row['best_p_after_correction']:.4g}: "
+            f"{'can' if row['reachable'] else 'CANNOT'} reach p < {alpha}")
+    return {"stages": rows, "total_s": total, "power": power, "family": family,
+            "tasks": {name: {"texts": len(texts[name]), "tokens": tokens.get(name, 0)} for name in texts}}

@@ -1,0 +1,78 @@
+"""Seeds, Holm families and the power part of `dsembed-study --plan` (no training)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dsembed.errors import RecipeError
+from dsembed.study.plan import power_table, smallest_wilcoxon_p
+from dsembed.study.runner import StudyRunner, holm_family, load_study, training_runs
+
+from tests.unit.test_study_files import write
+
+BASE = "name: x\noutput_dir: o\nvariants: {a: r.yaml, b: r.yaml}\ntasks_dir: t\n"
+
+
+def test_seeds_give_one_run_per_variant_and_seed_and_one_base(tmp_path):
+    study, root = load_study(write(tmp_path, BASE + "seeds: [0, 7]\n"))
+    runs = training_runs(study)
+    assert [(r.variant, r.seed, r.key) for r in runs] == [("a", 0, "a-s0"), ("a", 7, "a-s7"), ("b", 0, "b-s0"), ("b", 7, "b-s7")]
+    stages = StudyRunner(study, root, tmp_path / "out")._stages()
+    assert [s for s in stages if s.startswith("train")] == ["train a-s0", "train a-s7", "train b-s0", "train b-s7"]
+    assert [s for s in stages if s.startswith("evaluate")] == ["evaluate a-s0", "evaluate a-s7", "evaluate b-s0",
+                                                                 "evaluate b-s7", "evaluate base"]
+    seeds = {label: stages[label]["fingerprint"]["recipe"]["train.seed"] for label in stages if label.startswith("train")}
+    assert seeds == {"train a-s0": 0, "train a-s7": 7, "train b-s0": 0, "train b-s7": 7}
+    assert stages["evaluate a-s7"]["output"] == tmp_path / "out" / "results" / "a-s7.json"
+
+
+def test_without_seeds_the_stages_keep_their_names(tmp_path):
+    study, root = load_study(write(tmp_path, BASE))
+    assert [r.key for r in training_runs(study)] == ["a", "b"] and training_runs(study)[0].seed is None
+    assert "train a" in StudyRunner(study, root, tmp_path / "out")._stages()
+
+
+def test_evaluate_command_names_the_variant_and_writes_the_seed_file(tmp_path):
+    study, root = load_study(write(tmp_path, BASE + "seeds: [3]\n"))
+    command = StudyRunner(study, root, tmp_path / "out")._evaluate_command(["m"], "a", ["--tasks-dir", "T"],
+                                                                           results_name="a-s3")
+    assert command[command.index("--name") + 1] == "a"  # compare groups a variant's seeds by name
+    assert command[command.index("--output") + 1].endswith("a-s3.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds: []\n", "seeds = [] should list distinct seeds"),
+    ("seeds: [1, 1]\n", "seeds = [1, 1] should list distinct seeds"),
+    ("holm: some\n", "holm = 'some' should be"),
+])
+def test_bad_seeds_and_holm(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_study(write(tmp_path, BASE + text))
+
+
+@pytest.mark.parametrize("value, family", [("true", "all"), ("false", "none"), ("all", "all"),
+                                           ("per_variant", "per_variant"), ("none", "none")])
+def test_holm_family(tmp_path, value, family):
+    study, _ = load_study(write(tmp_path, BASE + f"holm: {value}\n"))
+    assert holm_family(study) == family
+
+
+def test_smallest_wilcoxon_p_is_what_scipy_gives_when_every_sign_agrees():
+    from scipy.stats import wilcoxon
+
+    for n in (3, 6, 7, 8):
+        differences = [0.01 * (i + 1) for i in range(n)]
+        assert smallest_wilcoxon_p(n) == pytest.approx(wilcoxon(differences).pvalue)
+
+
+def test_power_table_best_case_holm():
+    counts = {"sts": 7, "retrieval": 8, "classification": 7, "clustering": 8}
+    per_variant = {r["category"]: r for r in power_table(counts, "per_variant", n_tested=4)}
+    assert per_variant["sts"]["min_p"] == pytest.approx(2 / 2 ** 7)
+    # step-down: with retrieval and clustering at 1/128, STS at 1/64 passes 2 x 1/64 < 0.05
+    assert all(r["reachable"] for r in per_variant.values())
+    every = power_table(counts, "all", n_tested=4)  # 16 tests: 16 / 128 = 0.125 at best
+    assert not any(r["reachable"] for r in every) and every[0]["family_size"] == 16
+    small = {r["category"]: r for r in power_table({"sts": 6, "retrieval": 3}, "none", n_tested=5)}
+    assert small["sts"]["reachable"] and not small["retrieval"]["reachable"]  # n = 3: p >= 0.25
