@@ -3,6 +3,7 @@ deepspeed importer, nothing imports the console scripts, modules of about 400 li
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,42 @@ def test_user_facing_entry_points_still_import():
     for module in ("dsembed.train", "dsembed.cli.evaluate", "dsembed.cli.consolidate", "dsembed.cli.study",
                    "dsembed.cli.compare", "dsembed.cli.demo", "dsembed.cli.bench", "dsembed.cli.probe_layers"):
         assert callable(importlib.import_module(module).cli)
+
+
+def _top_level_names(module: str) -> set[str]:
+    """Names a dsembed module defines or imports at its top level (what `from module import x` can get)."""
+    path = MODULES[module]
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.If):  # try/except imports and TYPE_CHECKING blocks are rare here
+            names |= {a.asname or a.name for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    if any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__" for node in ast.parse(path.read_text()).body):
+        names |= set(getattr(importlib.import_module(module), "__all__", []))  # lazy attributes (dsembed.EmbeddingModel)
+    return names
+
+
+def test_every_dsembed_import_in_the_package_and_tests_resolves():
+    """Lazy imports inside functions run only when called: after a move they must still name real
+    modules and names (a stale `from dsembed import portable` failed only inside an export)."""
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((REPO / "tests").rglob("*.py")) + sorted((REPO / "tools").glob("*.py"))
+    broken = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                broken += [f"{path.relative_to(REPO)}: import {a.name}" for a in node.names
+                           if a.name.startswith("dsembed") and a.name not in MODULES]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dsembed"):
+                if node.module not in MODULES:
+                    broken.append(f"{path.relative_to(REPO)}: from {node.module} (no such module)")
+                    continue
+                names = _top_level_names(node.module)
+                broken += [f"{path.relative_to(REPO)}: from {node.module} import {a.name}" for a in node.names
+                           if a.name != "*" and a.name not in names and f"{node.module}.{a.name}" not in MODULES]
+    assert broken == [], "\n".join(broken)
