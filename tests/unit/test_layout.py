@@ -143,3 +143,39 @@ def test_user_facing_entry_points_still_import():
     for module in ("dsembed.train", "dsembed.cli.evaluate", "dsembed.cli.consolidate", "dsembed.cli.study",
                    "dsembed.cli.compare", "dsembed.cli.demo", "dsembed.cli.bench", "dsembed.cli.probe_layers"):
         assert callable(importlib.import_module(module).cli)
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (defs, classes, assignments, imports, __all__)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and isinstance(node.value, ast.List):
+                names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_dsembed_import_names_something_that_exists():
+    """`from dsembed.x import y` after a move: y must be a submodule of x or defined in x (a lazy
+    `from dsembed import portable` left behind by the layout move only failed at export time)."""
+    missing = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    and (node.module == "dsembed" or node.module.startswith("dsembed."))):
+                continue
+            target = MODULES.get(node.module)
+            if target is None:
+                missing.append(f"{name}: from {node.module} (no such module)")
+                continue
+            defined = _top_level_names(target)
+            for alias in node.names:
+                if alias.name != "*" and alias.name not in defined and f"{node.module}.{alias.name}" not in MODULES:
+                    missing.append(f"{name}:{node.lineno}: from {node.module} import {alias.name}")
+    assert missing == []
