@@ -15,8 +15,8 @@
 4. `uninstall()` removes `flash_attn*` from sys.modules at the end, so later tests see no flash-attn
    (the `flash_reference` fixture of tests/conftest.py calls both).
 Nothing else of transformers is patched: its flash_attention_forward, the mask builder
-(flash_attention_mask), the unpadding (_upad_input), the kwargs processing and the attention
-modules' `is_causal` all run as they would on a GPU. float32 models are accepted by transformers'
+(flash_attention_mask), the unpadding (_upad_input), the kwargs processing and the `causal`
+argument (config.is_causal, passed down as a keyword) all run as they would on a GPU. float32 models are accepted by transformers'
 checks (it only warns that flash-attn wants fp16/bf16), so comparisons are made in float32.
 """
 from __future__ import annotations

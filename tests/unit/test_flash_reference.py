@@ -6,8 +6,9 @@ transformers imports (`flash_attn_func`, `flash_attn_varlen_func`, `flash_attn_w
 fixture (tests/conftest.py -> tests/flashref/__init__.py) patches only transformers'
 `is_flash_attn_2_available` (False without CUDA whatever is installed). Everything else runs as on
 a GPU: dsembed's build_model / set_attention_mode, transformers' flash mask builder, its unpadding
-(`_upad_input`), its kwargs processing, and the `causal` argument it takes from each attention
-module's `is_causal`. All comparisons in float32 (transformers only warns about fp32 with flash).
+(`_upad_input`), its kwargs processing, and the `causal` argument it passes (transformers 5.24:
+config.is_causal, handed down as the `is_causal` keyword, which wins over the attention module's
+`is_causal`; dsembed sets both). All comparisons in float32 (transformers only warns about fp32 with flash).
 
 What is asserted:
 - the reference itself against an independent float64 einsum (GQA grouping, scale, bottom-right
