@@ -82,6 +82,9 @@ def validate(recipe: Recipe, world_size: int | None = None, num_layers: int | No
         raise RecipeError(f"{where}: model.gguf_file needs model.name_or_path, not random_init")
     if m.max_length < 2:
         raise RecipeError(f"{where}: model.max_length = {m.max_length} must be at least 2")
+    if m.attn_implementation == "flash_attention_2" and m.dtype == "float32":
+        raise RecipeError(f"{where}: model.attn_implementation = flash_attention_2 with model.dtype float32: flash-attn "
+                          "computes in bfloat16 / float16 only (set model.dtype: bfloat16, or use sdpa)")
     if m.dtype == "float16" and recipe.deepspeed.zero_stage == 0:
         raise RecipeError(f"{where}: model.dtype float16 needs DeepSpeed loss scaling (zero_stage >= 1) or use bfloat16")
     positive = {"train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,

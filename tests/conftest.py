@@ -107,3 +107,14 @@ def write_tiny_tasks(root):
     sets.append({"sentences": [sentence_about(rng, "food") for _ in range(4)], "labels": ["food"] * 4})
     write_jsonl(root / "clustering" / "TinyClustering" / "test.jsonl", sets)
     return root
+
+
+@pytest.fixture
+def flash_reference(monkeypatch):
+    """transformers' flash_attention_2 path on the plain-PyTorch reference flash-attn (tests/flashref);
+    yields the reference `flash_attn` module (its CALLS counts calls per function)."""
+    from tests import flashref
+
+    module = flashref.install(monkeypatch)
+    yield module
+    flashref.uninstall()

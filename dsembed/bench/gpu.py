@@ -58,11 +58,19 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
-def _recipe(shape: str, pooling: str, batch: int, seq_len: int) -> Any:
+def shape_config(shape: str, layers: int | None = None) -> dict[str, Any]:
+    """The transformers config mapping of `shape`, with `layers` decoder layers when given."""
+    cfg = dict(SHAPES[shape])
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+def _recipe(shape: str, pooling: str, batch: int, seq_len: int, layers: int | None = None, attn: str = "sdpa") -> Any:
     from dsembed.config import recipe_from_dict
 
-    data = {"model": {"random_init": dict(SHAPES[shape]), "tokenizer": "bytes", "dtype": "bfloat16",
-                      "attn_implementation": "sdpa", "gradient_checkpointing": True, "max_length": seq_len},
+    data = {"model": {"random_init": shape_config(shape, layers), "tokenizer": "bytes", "dtype": "bfloat16",
+                      "attn_implementation": attn, "gradient_checkpointing": True, "max_length": seq_len},
             "attention": {"mode": "causal"}, "pooling": POOLINGS[pooling],
             "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.1},
             "optim": {"lr": 1e-5, "warmup_steps": 0}, "train": {"micro_batch_size": batch, "max_steps": 1000,
@@ -99,22 +107,25 @@ def _encode_speed(engine: Any, cfg: dict[str, Any], matmul_params: int, input_id
     return {"tokens_per_s": tokens / seconds, "flops_per_s": flops_per_token * tokens / seconds}
 
 
-def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, steps: int) -> dict[str, Any]:
-    """One configuration in this process (CUDA required). Returns the measurements, training and
-    encoding (a forward of 8 x batch texts, as evaluation runs it)."""
+def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, steps: int, layers: int | None = None,
+            attn: str = "sdpa") -> dict[str, Any]:
+    """One configuration in this process (CUDA, or the CPU for a check of the code path). Returns the
+    measurements, training and encoding (a forward of 8 x batch texts, as evaluation runs it).
+
+    `layers` keeps the shape's layer width with fewer layers; `attn` is the attention implementation."""
     import torch
 
     from dsembed.training.engine import Engine, shutdown_distributed
     from dsembed.training.gradcache import plain_backward
     from dsembed.modeling import build_model
 
-    recipe = _recipe(shape, pooling, batch, seq_len)
+    recipe = _recipe(shape, pooling, batch, seq_len, layers, attn)
     encode_batch = 8 * batch
     torch.manual_seed(0)
     engine = Engine.create(recipe, lambda: build_model(recipe))
     model = engine.module
     try:
-        cfg = SHAPES[shape]
+        cfg = shape_config(shape, layers)
         numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 partitions report ds_numel
         backbone_params = sum(numel(p) for n, p in model.backbone.named_parameters() if "lora_" not in n)
         embed = cfg["vocab_size"] * cfg["hidden_size"]
@@ -153,7 +164,8 @@ def run_one(shape: str, pooling: str, batch: int, seq_len: int, warmup: int, ste
         name = torch.cuda.get_device_name(0) if cuda else "cpu"
         peak = peak_flops(name)
         achieved = flops_per_token * tokens / step_s
-        return {"shape": shape, "pooling": pooling, "gpu": name, "batch": batch, "seq_len": seq_len,
+        return {"shape": shape, "layers": cfg["num_hidden_layers"], "attn_implementation": attn, "pooling": pooling,
+                "gpu": name, "batch": batch, "seq_len": seq_len,
                 "tokens_per_step": tokens, "step_s": step_s, "steps_s": [round(t, 4) for t in times],
                 "tokens_per_s": tokens / step_s, "samples_per_s": batch / step_s,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

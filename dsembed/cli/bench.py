@@ -5,6 +5,7 @@
     dsembed-bench memory  --model tiny smollm2 --batch-size 8 --output memory.json
     dsembed-bench cached  --model tiny --batch-sizes 32,64,128,256,512,1024 --chunk-size 32 --output cached.json
     dsembed-bench gpu     --shapes mistral-7b qwen2-0.5b --output gpu.json   (CUDA only; skipped otherwise)
+    dsembed-bench gpu-proof --output proof.json [--dry-run]   (the GPU-only paths in one command, < 8 min)
     dsembed-bench eval    [--base RECIPE | --model-dir DIR] --tasks-dir ../shared/data/tasks --limit 64 --ranks 2
     dsembed-bench eval-plan --preset paper-all --shape mistral-7b [--tokens-per-s X] --output plan.json
 
@@ -72,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's bf16 dense peak")
+    s = sub.add_parser("gpu-proof", help="flash-attention, bf16 ZeRO-3 training, export, evaluation and MFU on one "
+                       "GPU in under 8 minutes (dsembed/bench/gpu_proof.py)")
+    s.add_argument("--output", required=True, metavar="FILE.json", help="rewritten after every part")
+    s.add_argument("--dry-run", action="store_true", help="every part's code path with tiny shapes (CPU is fine)")
+    s.add_argument("--workdir", default=None, help="where the parts write (default: a new temporary folder)")
+    s.add_argument("--budget-s", type=float, default=None, help="time for the whole proof (default 460)")
+    s.add_argument("--parts", nargs="+", default=None, choices=["flash", "train", "export", "eval", "mfu"],
+                   help="run only these parts (export and eval use the train part's run in --workdir)")
     s = add("eval", "dsembed-evaluate: 1 rank vs N ranks on the same cores, and the rerun after finish", models=False)
     s.add_argument("--base", metavar="RECIPE.yaml", help="evaluate this recipe's untrained model (default: "
                    "recipes/paper/smollm2-135m/model5.yaml)")
@@ -116,6 +125,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's threads would compete with torch's
+    if args.command == "gpu-proof":
+        from pathlib import Path
+
+        from dsembed.bench.gpu_proof import BUDGET_S, ORDER, run_proof
+
+        payload = run_proof(Path(args.output), args.dry_run, Path(args.workdir) if args.workdir else None,
+                            args.budget_s or BUDGET_S, tuple(args.parts or ORDER))
+        print(f"gpu-proof: {'all parts ok' if payload['all_ok'] else 'NOT all parts ok'} in {payload['elapsed_s']:.0f} s; "
+              f"{args.output}")
+        return 0 if payload["all_ok"] else 1
     from dsembed.bench.common import load_average, machine_info, set_threads, table, wait_for_quiet, write_json
 
     quiet = None

@@ -59,7 +59,7 @@ def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None,
     from transformers import AutoConfig, AutoModel
 
     if attn_fallback:
-        impl = available_attn_implementation(model_cfg.attn_implementation)
+        impl = available_attn_implementation(model_cfg.attn_implementation, DTYPES[model_cfg.dtype])
     else:
         _check_attn(model_cfg.attn_implementation)
         impl = model_cfg.attn_implementation
@@ -207,22 +207,38 @@ def _load_tokenizer(model_cfg: ModelConfig, folder: str | None, base_dir: Path |
     return tokenizer
 
 
-_FALLBACK_NOTED: list[str] = []  # print the fallback line once per process
+_FALLBACK_NOTED: list[str] = []  # print each fallback line (one per reason) once per process
 
 
-def available_attn_implementation(impl: str) -> str:
-    """`impl`, or "sdpa" where it is flash_attention_2 and flash-attn is not installed (one printed line).
+def available_attn_implementation(impl: str, dtype: torch.dtype | None = None,
+                                  device: str | torch.device | None = None) -> str:
+    """`impl`, or "sdpa" where it is flash_attention_2 and flash-attn cannot run it (one printed line).
 
+    flash-attn cannot run: where the package is not installed; for a float32 model (its kernels take
+    fp16 / bf16 only, and a bf16 run with merged LoRA is exported in float32); on a non-CUDA device.
     flash-attn and sdpa compute the same attention (same masks, same `is_causal`), so a GPU-trained
-    run consolidates, evaluates and probes on a CPU machine with sdpa.
+    run consolidates, evaluates and probes with sdpa.
+
+    Args:
+        impl: the recipe's model.attn_implementation.
+        dtype: the dtype the backbone will compute in, when known.
+        device: the device it will run on, when known.
     """
-    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        if not _FALLBACK_NOTED:
-            _FALLBACK_NOTED.append(impl)
-            print("note: model.attn_implementation = flash_attention_2 but flash-attn is not installed here: "
-                  "using sdpa (the same attention, computed without flash-attn)", file=sys.stderr, flush=True)
-        return "sdpa"
-    return impl
+    if impl != "flash_attention_2":
+        return impl
+    if importlib.util.find_spec("flash_attn") is None:
+        reason = "flash-attn is not installed here"
+    elif dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        reason = f"the backbone is {str(dtype).replace('torch.', '')} (flash-attn computes in fp16 / bf16 only)"
+    elif device is not None and torch.device(device).type != "cuda":
+        reason = f"the model runs on {torch.device(device).type} (flash-attn runs on CUDA only)"
+    else:
+        return impl
+    if reason not in _FALLBACK_NOTED:
+        _FALLBACK_NOTED.append(reason)
+        print(f"note: model.attn_implementation = flash_attention_2 but {reason}: "
+              "using sdpa (the same attention, computed without flash-attn)", file=sys.stderr, flush=True)
+    return "sdpa"
 
 
 def _check_attn(impl: str) -> None:

@@ -263,8 +263,8 @@ class EmbeddingModel(nn.Module):
             if not part.exists():
                 raise CheckpointError(f"{src}: {part.relative_to(src)} is missing (the folder is incomplete; save it again)")
         recipe = recipe_from_dict(yaml.safe_load((src / "recipe.yaml").read_text(encoding="utf-8")), str(src / "recipe.yaml"))
-        impl = available_attn_implementation(recipe.model.attn_implementation)
         dtype = DTYPES.get(meta.get("backbone_dtype", ""), DTYPES[recipe.model.dtype])
+        impl = available_attn_implementation(recipe.model.attn_implementation, dtype, device)
         backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
         if (src / "adapter").is_dir():
             from peft import PeftModel
