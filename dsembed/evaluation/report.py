@@ -3,8 +3,10 @@
 `compare()` turns several evaluate results (one per variant) into one comparison record: per
 category the mean over the datasets every variant has, the Wilcoxon test of each variant against
 the baseline (Holm-adjusted over all variant x category tests when asked), and per dataset the
-paired bootstrap interval of (variant - baseline). `write_report()` writes it as Markdown, CSV,
-JSON and PNG.
+task's chance level and the paired bootstrap interval of (variant - baseline). Datasets that carry
+no information at their limit are flagged (evaluation.flags); category means and tests are given
+with and without them, and the report says which view leads (`headline`). `write_report()` writes
+it as Markdown, CSV, JSON and PNG.
 """
 from __future__ import annotations
 
@@ -16,18 +18,22 @@ from typing import Any
 import numpy as np
 
 from dsembed.errors import UserError
-from dsembed.evaluation import statistics
+from dsembed.evaluation import flags, statistics
 from dsembed.evaluation.presets import CATEGORIES, MAIN_METRIC
 
 
 def format_results_table(results: dict[str, Any]) -> str:
-    """A plain-text table of per-task main scores and per-category means (x100)."""
-    lines = [f"{'category':<15} {'task':<40} {'metric':<16} {'score':>7}", "-" * 81]
+    """A plain-text table of per-task main scores, chance levels ('-': not recorded) and per-category
+    means (x100)."""
+    lines = [f"{'category':<15} {'task':<40} {'metric':<16} {'score':>7} {'chance':>7}", "-" * 89]
     for cat in CATEGORIES:
         for name, entry in results["tasks"].items():
             if entry["category"] == cat:
-                lines.append(f"{cat:<15} {name:<40} {entry['main_metric']:<16} {100 * entry['main_score']:>7.2f}")
-    lines.append("-" * 81)
+                chance = entry.get("chance")
+                level = f"{100 * chance['score']:.2f}" if chance else "-"
+                lines.append(f"{cat:<15} {name:<40} {entry['main_metric']:<16} {100 * entry['main_score']:>7.2f}"
+                             f" {level:>7}")
+    lines.append("-" * 89)
     for cat, record in results["categories"].items():
         lines.append(f"{cat:<15} {'mean of ' + str(record['n_tasks']) + ' task(s)':<40} "
                      f"{MAIN_METRIC[cat]:<16} {100 * record['mean']:>7.2f}")
@@ -53,40 +59,18 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
-            alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
-            references: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """The comparison record of all variants against `baseline` (schema in dsembed/cli/compare.py).
-
-    Args:
-        references: variants shown in the tables (with bootstrap intervals) but not tested: no
-            Wilcoxon test and not in the Holm family (e.g. the untrained `base` of an ablation study,
-            whose questions are the ablations against the full method).
-
-    Raises:
-        UserError: the baseline is not among the variants, a reference is unknown or is the baseline,
-            or fewer than two variants.
-    """
-    if baseline not in variants:
-        raise UserError(f"--baseline {baseline!r} is not one of the results: {', '.join(variants)}")
-    if len(variants) < 2:
-        raise UserError("compare needs at least two results files")
-    bad = [r for r in references if r not in variants or r == baseline]
-    if bad:
-        raise UserError(f"--reference {bad[0]!r} is not one of the non-baseline results: "
-                        f"{', '.join(v for v in variants if v != baseline)}")
-    others = [v for v in variants if v != baseline]
-    tested = [v for v in others if v not in references]
-    common = set.intersection(*(set(r["tasks"]) for r in variants.values()))
+def _category_view(variants: dict[str, dict[str, Any]], baseline: str, names: list[str], tested: list[str],
+                   use_holm: bool, alpha: float) -> tuple[dict[str, Any], int]:
+    """Per category over `names`: means, the Wilcoxon test of each tested variant, Holm over them."""
     base_tasks = variants[baseline]["tasks"]
     categories: dict[str, Any] = {}
     for cat in CATEGORIES:
-        names = sorted(n for n in common if base_tasks[n]["category"] == cat)
-        if not names:
+        chosen = sorted(n for n in names if base_tasks[n]["category"] == cat)
+        if not chosen:
             continue
-        score = {v: {n: variants[v]["tasks"][n]["main_score"] for n in names} for v in variants}
+        score = {v: {n: variants[v]["tasks"][n]["main_score"] for n in chosen} for v in variants}
         categories[cat] = {
-            "tasks": names,
+            "tasks": chosen,
             "means": {v: float(np.mean(list(score[v].values()))) for v in variants},
             "tests": {v: statistics.wilcoxon_test(score[baseline], score[v]).to_dict() for v in tested},
         }
@@ -98,11 +82,51 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
         test["p_holm"] = p_adj
         p = p_adj if use_holm else test["pvalue"]
         test["significant"] = bool(p is not None and not np.isnan(p) and p < alpha)
+    return categories, len(tests)
+
+
+def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
+            alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
+            references: tuple[str, ...] | list[str] = (), headline: str = "all") -> dict[str, Any]:
+    """The comparison record of all variants against `baseline` (schema in dsembed/cli/compare.py).
+
+    Args:
+        references: variants shown in the tables (with bootstrap intervals) but not tested: no
+            Wilcoxon test and not in the Holm family (e.g. the untrained `base` of an ablation study,
+            whose questions are the ablations against the full method).
+        headline: which category means and tests the first table, the answers, the CSV and the
+            plots use: "all" datasets, or "informative" ones (without the datasets flagged as
+            carrying no information, evaluation.flags). Both are computed and reported.
+
+    Raises:
+        UserError: the baseline is not among the variants, a reference is unknown or is the baseline,
+            fewer than two variants, or an unknown headline.
+    """
+    if baseline not in variants:
+        raise UserError(f"--baseline {baseline!r} is not one of the results: {', '.join(variants)}")
+    if len(variants) < 2:
+        raise UserError("compare needs at least two results files")
+    bad = [r for r in references if r not in variants or r == baseline]
+    if bad:
+        raise UserError(f"--reference {bad[0]!r} is not one of the non-baseline results: "
+                        f"{', '.join(v for v in variants if v != baseline)}")
+    if headline not in ("all", "informative"):
+        raise UserError(f"--headline {headline!r}: give all or informative")
+    others = [v for v in variants if v != baseline]
+    tested = [v for v in others if v not in references]
+    common = set.intersection(*(set(r["tasks"]) for r in variants.values()))
+    base_tasks = variants[baseline]["tasks"]
+    ordered = sorted(common, key=lambda n: (CATEGORIES.index(base_tasks[n]["category"]), n))
+    info = flags.flag_datasets(variants, baseline, ordered, n_resamples=n_resamples, seed=seed)
+    informative = [n for n in ordered if not info[n]["flag"]]
+    categories, n_tests = _category_view(variants, baseline, ordered, tested, use_holm, alpha)
+    categories_informative, n_tests_informative = _category_view(variants, baseline, informative, tested,
+                                                                 use_holm, alpha)
     datasets: dict[str, Any] = {}
-    for name in sorted(common, key=lambda n: (CATEGORIES.index(base_tasks[n]["category"]), n)):
+    for name in ordered:
         cat = base_tasks[name]["category"]
         record = {"category": cat, "scores": {v: variants[v]["tasks"][name]["main_score"] for v in variants},
-                  "bootstrap": {}}
+                  **info[name], "bootstrap": {}}
         for v in others:
             a, b = base_tasks[name].get("items"), variants[v]["tasks"][name].get("items")
             if a and b:
@@ -116,8 +140,24 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
         datasets[name] = record
     layer_weights = {v: r["layer_weights"] for v, r in variants.items() if r.get("layer_weights")}
     return {"baseline": baseline, "variants": list(variants), "references": list(references),
-            "alpha": alpha, "holm": use_holm, "n_tests": len(tests), "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
-            "layer_weights": layer_weights}
+            "alpha": alpha, "holm": use_holm, "headline": headline, "n_tests": n_tests,
+            "n_resamples": n_resamples, "categories": categories,
+            "categories_informative": categories_informative, "n_tests_informative": n_tests_informative,
+            "flagged": {n: info[n]["flag"] for n in ordered if info[n]["flag"]},
+            "datasets": datasets, "layer_weights": layer_weights}
+
+
+def headline_view(comparison: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(categories, number of tests in their Holm family) of the view the comparison leads with."""
+    if comparison.get("headline", "all") == "informative":
+        return comparison["categories_informative"], comparison["n_tests_informative"]
+    return comparison["categories"], comparison["n_tests"]
+
+
+def _other_view(comparison: dict[str, Any]) -> tuple[dict[str, Any], int, str]:
+    if comparison.get("headline", "all") == "informative":
+        return comparison["categories"], comparison["n_tests"], "with all datasets"
+    return comparison["categories_informative"], comparison["n_tests_informative"], "without flagged datasets"
 
 
 def _mark(test: dict[str, Any] | None) -> str:
@@ -126,24 +166,21 @@ def _mark(test: dict[str, Any] | None) -> str:
     return " ▲*" if test["mean_difference"] > 0 else " ▼*"
 
 
-def markdown(comparison: dict[str, Any]) -> str:
-    """Markdown: variants x categories (best in bold, * = significant vs baseline), then datasets."""
-    cats, base = list(comparison["categories"]), comparison["baseline"]
-    p_name = "Holm-adjusted p" if comparison["holm"] else "p"
-    out = [f"# Comparison against `{base}`", "",
-           f"Category means x100 over the datasets all variants have. ▲*/▼*: Wilcoxon signed-rank "
-           f"(two-sided, paired over datasets) {p_name} < {comparison['alpha']} vs the baseline.", "",
-           "| variant | " + " | ".join(f"{c} ({len(comparison['categories'][c]['tasks'])})" for c in cats) + " |",
+def _tables(comparison: dict[str, Any], categories: dict[str, Any]) -> list[str]:
+    """The means table (best in bold, ▲*/▼*) and the Wilcoxon p table of one view."""
+    cats, base = list(categories), comparison["baseline"]
+    out = ["| variant | " + " | ".join(f"{c} ({len(categories[c]['tasks'])})" for c in cats) + " |",
            "|---|" + "---:|" * len(cats)]
     for v in comparison["variants"]:
         cells = []
         for c in cats:
-            record = comparison["categories"][c]
+            record = categories[c]
             text = f"{100 * record['means'][v]:.2f}"
             if record["means"][v] == max(record["means"].values()):
                 text = f"**{text}**"
             cells.append(text + _mark(record["tests"].get(v)))
         out.append(f"| {v}{' (baseline)' if v == base else ''} | " + " | ".join(cells) + " |")
+    p_name = "Holm-adjusted p" if comparison["holm"] else "p"
     out += ["", f"Wilcoxon {p_name} per category:", "", "| variant | " + " | ".join(cats) + " |",
             "|---|" + "---:|" * len(cats)]
     references = comparison.get("references", [])
@@ -152,19 +189,50 @@ def markdown(comparison: dict[str, Any]) -> str:
             continue
         cells = []
         for c in cats:
-            t = comparison["categories"][c]["tests"][v]
+            t = categories[c]["tests"][v]
             p = t["p_holm"] if comparison["holm"] else t["pvalue"]
             tied = f", {t['n_zero']} tied" if t.get("n_zero") else ""  # zero differences: not in n
             cells.append(f"{p:.3g} (n={t['n']}{tied})")
         out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _which_view(comparison: dict[str, Any]) -> str:
+    """The sentence that says which datasets the means and tests use."""
+    flagged = comparison.get("flagged", {})
+    if not flagged:
+        return "No dataset is flagged as carrying no information at its limit: the means and tests use every dataset."
+    names = ", ".join(flagged)
+    if comparison.get("headline", "all") == "informative":
+        return (f"The means and tests leave out the {len(flagged)} dataset(s) flagged as carrying no information "
+                f"at their limit ({names}; reasons below); the same with all datasets follows.")
+    return (f"The means and tests use all datasets, including the {len(flagged)} flagged as carrying no "
+            f"information at their limit ({names}; reasons below); the same without them follows.")
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    """Markdown: variants x categories (best in bold, * = significant vs baseline), then datasets."""
+    base = comparison["baseline"]
+    categories, _ = headline_view(comparison)
+    p_name = "Holm-adjusted p" if comparison["holm"] else "p"
+    out = [f"# Comparison against `{base}`", "",
+           f"Category means x100 over the datasets all variants have. ▲*/▼*: Wilcoxon signed-rank "
+           f"(two-sided, paired over datasets) {p_name} < {comparison['alpha']} vs the baseline.", "",
+           _which_view(comparison), ""] + _tables(comparison, categories)
+    if comparison.get("flagged"):
+        other, _, label = _other_view(comparison)
+        out += ["", f"### The same {label}", ""]
+        out += _tables(comparison, other) if other else ["(no dataset left)"]
     out += ["", f"## Answers: each variant against `{base}`", ""] + [f"- {line}" for line in answers(comparison)]
+    references = comparison.get("references", [])
     if references:
         out += ["", f"Not tested (reference rows): {', '.join(references)}."]
     others = [v for v in comparison["variants"] if v != base]
-    out += ["", "Per dataset x100: variant score, difference to the baseline and its paired bootstrap "
-            "95% interval (* = interval excludes 0).", "",
-            "| dataset | category | " + base + " | " + " | ".join(others) + " |",
-            "|---|---|---:|" + "---:|" * len(others)]
+    out += ["", "Per dataset x100: chance (the score of a no-information model at the task's limit; "
+            "'-': not in the results), variant score, difference to the baseline and its paired bootstrap "
+            "95% interval (* = interval excludes 0); † = carries no information at this limit.", "",
+            "| dataset | category | chance | " + base + " | " + " | ".join(others) + " |",
+            "|---|---|---:|---:|" + "---:|" * len(others)]
     for name, d in comparison["datasets"].items():
         cells = []
         for v in others:
@@ -175,17 +243,30 @@ def markdown(comparison: dict[str, Any]) -> str:
                 text += (f" ({100 * boot['difference']:+.2f} [{100 * boot['low']:+.2f}, "
                          f"{100 * boot['high']:+.2f}]{star})")
             cells.append(text)
-        out.append(f"| {name} | {d['category']} | {100 * d['scores'][base]:.2f} | " + " | ".join(cells) + " |")
+        chance = d.get("chance")
+        level = "-" if not chance else f"{100 * chance['score']:.2f}"
+        mark = " †" if d.get("flag") else ""
+        out.append(f"| {name}{mark} | {d['category']} | {level} | {100 * d['scores'][base]:.2f} | "
+                   + " | ".join(cells) + " |")
+    flagged = comparison.get("flagged", {})
+    notes = {n: d["problems"] for n, d in comparison["datasets"].items() if d.get("problems")}
+    if flagged or notes:
+        out += ["", "## Datasets that carry no information at this limit", ""]
+        out += [f"- † {n} ({comparison['datasets'][n]['category']}): {reason}" for n, reason in flagged.items()]
+        out += [f"- {n}: by construction, {'; '.join(problems)}" for n, problems in notes.items()]
     return "\n".join(out) + "\n"
 
 
 def answers(comparison: dict[str, Any]) -> list[str]:
     """One line per tested variant and category: the difference to the baseline, the Wilcoxon test
-    over datasets and whether the difference holds at alpha, before and after Holm."""
+    over datasets and whether the difference holds at alpha, before and after Holm; where datasets
+    are flagged, the same in the other view (with or without them)."""
     base, alpha = comparison["baseline"], comparison["alpha"]
+    categories, n_tests = headline_view(comparison)
+    other, _, label = _other_view(comparison) if comparison.get("flagged") else ({}, 0, "")
     lines = []
     for v in comparison["variants"]:
-        for cat, record in comparison["categories"].items():
+        for cat, record in categories.items():
             test = record["tests"].get(v)
             if test is None:
                 continue
@@ -196,17 +277,27 @@ def answers(comparison: dict[str, Any]) -> list[str]:
                     f"Wilcoxon p = {p:.3g} (n = {test['n']}); p < {alpha}: {held}")
             if comparison["holm"]:
                 holds = "yes" if test["significant"] else "no"
-                line += f"; after Holm over {comparison['n_tests']} tests (p = {test['p_holm']:.3g}): {holds}"
+                line += f"; after Holm over {n_tests} tests (p = {test['p_holm']:.3g}): {holds}"
+            alt = other.get(cat)
+            if comparison.get("flagged") and (alt is None or alt["tasks"] != record["tasks"]):
+                if alt is None:
+                    line += f"; {label}: no dataset left"
+                else:
+                    alt_test = alt["tests"][v]
+                    alt_diff = 100 * (alt["means"][v] - alt["means"][base])
+                    line += (f"; {label} ({len(alt['tasks'])}): {alt_diff:+.2f} points, "
+                             f"Wilcoxon p = {alt_test['pvalue']:.3g} (n = {alt_test['n']})")
             lines.append(line)
     return lines
 
 
 def write_csv(comparison: dict[str, Any], path: Path) -> None:
-    """One row per (dataset, variant): scores, bootstrap difference/interval, category test p."""
+    """One row per (dataset, variant): scores, bootstrap difference/interval, category mean and test
+    p over all datasets, the task's chance level and its flag (empty: none or not recorded)."""
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["dataset", "category", "variant", "score", "baseline_score", "difference",
-                         "ci_low", "ci_high", "ci_significant", "category_mean", "wilcoxon_p", "holm_p"])
+                         "ci_low", "ci_high", "ci_significant", "category_mean", "wilcoxon_p", "holm_p", "chance", "flag"])
         base = comparison["baseline"]
         for name, d in comparison["datasets"].items():
             cat = comparison["categories"][d["category"]]
@@ -216,7 +307,8 @@ def write_csv(comparison: dict[str, Any], path: Path) -> None:
                 writer.writerow([name, d["category"], v, d["scores"][v], d["scores"][base],
                                  boot.get("difference", ""), boot.get("low", ""), boot.get("high", ""),
                                  boot.get("significant", ""), cat["means"][v], test.get("pvalue", ""),
-                                 test.get("p_holm", "") if test.get("p_holm") is not None else ""])
+                                 test.get("p_holm", "") if test.get("p_holm") is not None else "",
+                                 (d.get("chance") or {}).get("score", ""), d.get("flag") or ""])
 
 
 def _save(fig: Any, path: Path) -> Path:

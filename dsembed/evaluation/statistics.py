@@ -10,7 +10,9 @@ model's score, giving a percentile 95% interval for the difference (variant - ba
 - clustering: items, resampled within each cluster set; V-measure (sklearn) of the fixed k-means
   assignment on the resampled items, averaged over sets. The clustering itself is not refit, so
   the interval covers sampling of items, not k-means' own randomness.
-Subsets (languages) are resampled separately and averaged, like mteb's main score.
+Subsets (languages) are resampled separately and averaged, like mteb's main score. The same
+resampling gives one result's own interval (`score_interval`), which the report holds against the
+task's chance level.
 Holm's step-down correction comes from statsmodels.
 """
 from __future__ import annotations
@@ -129,6 +131,12 @@ def _full_index(category: str, items: dict):
     return [np.arange(n) for n in sizes] if isinstance(sizes, list) else np.arange(sizes)
 
 
+def _resample(category: str, items: dict, rng: np.random.Generator):
+    """One bootstrap draw of item indices (clustering: within each set)."""
+    sizes = _sizes(category, items)
+    return [rng.integers(0, n, n) for n in sizes] if isinstance(sizes, list) else rng.integers(0, sizes, sizes)
+
+
 def item_score(category: str, items_by_subset: dict[str, dict]) -> float:
     """A task's main score recomputed from its kept items (mean over subsets, as mteb)."""
     return float(np.mean([_SCORE[category](items, _full_index(category, items))
@@ -146,6 +154,15 @@ def _align(category: str, base: dict, var: dict) -> tuple[dict, dict]:
         raise ValueError(f"{category} items differ in number between the two results "
                          "(were they evaluated with the same --limit and data?)")
     return base, var
+
+
+def _percentiles(draws: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of bootstrap draws; a degenerate resample (constant ranks: no
+    Spearman) is left out."""
+    draws = draws[~np.isnan(draws)]
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail]) if draws.size else (np.nan, np.nan)
+    return float(low), float(high)
 
 
 def paired_bootstrap(category: str, baseline: dict[str, dict], variant: dict[str, dict],
@@ -176,17 +193,33 @@ def paired_bootstrap(category: str, baseline: dict[str, dict], variant: dict[str
     def difference(draw: bool) -> float:
         diffs = []
         for base, var in pairs:
-            sizes = _sizes(category, base)
-            if isinstance(sizes, list):
-                idx = [rng.integers(0, n, n) if draw else np.arange(n) for n in sizes]
-            else:
-                idx = rng.integers(0, sizes, sizes) if draw else np.arange(sizes)
+            idx = _resample(category, base, rng) if draw else _full_index(category, base)
             diffs.append(score(var, idx) - score(base, idx))
         return float(np.mean(diffs))
 
     full = difference(draw=False)
     draws = np.array([difference(draw=True) for _ in range(n_resamples)])
-    draws = draws[~np.isnan(draws)]  # a degenerate resample (constant ranks) has no Spearman
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail]) if draws.size else (np.nan, np.nan)
-    return BootstrapResult(full, float(low), float(high), n_resamples, confidence)
+    low, high = _percentiles(draws, confidence)
+    return BootstrapResult(full, low, high, n_resamples, confidence)
+
+
+def score_interval(category: str, items_by_subset: dict[str, dict], n_resamples: int = 1000,
+                   confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of one result's own main score (items resampled as above).
+
+    Args:
+        category: "sts", "retrieval", "classification" or "clustering".
+        items_by_subset: the result's `items` for the task.
+        n_resamples: bootstrap resamples.
+        confidence: interval coverage.
+        seed: numpy Generator seed.
+
+    Returns:
+        (score on the full items, low, high).
+    """
+    rng = np.random.default_rng(seed)
+    score = _SCORE[category]
+    subsets = [items_by_subset[s] for s in sorted(items_by_subset)]
+    draws = np.array([np.mean([score(items, _resample(category, items, rng)) for items in subsets])
+                      for _ in range(n_resamples)])
+    return (item_score(category, items_by_subset), *_percentiles(draws, confidence))

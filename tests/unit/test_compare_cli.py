@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dsembed.evaluation.run import category_means
 from dsembed.evaluation.statistics import item_score
@@ -125,3 +126,90 @@ def test_ablation_answers_with_a_reference_row_outside_the_holm_family(tmp_path)
     assert run_cli(main, [*map(str, paths), "--baseline", "all", "--output", str(tmp_path / "x"),
                           "--reference", "all"]) == 2  # the baseline cannot be a reference
     assert not (tmp_path / "x").exists()
+
+
+_CHANCE = {"sts": {"score": 0.0}, "retrieval": {"score": 0.05},
+           "classification": {"score": 0.25, "random_embeddings": 0.2}, "clustering": {"score": 0.02}}
+
+
+def _with_chance(results: dict, row: int) -> dict:
+    """Chance records on every task, plus ClsChance (every row near chance) and ClsTied (all tied)."""
+    for entry in results["tasks"].values():
+        entry["chance"] = dict(_CHANCE[entry["category"]], method="test")
+    hits = [19, 20, 22][row]  # of 80: 0.24-0.28, all within a bootstrap interval of 0.25
+    for name, correct in (("ClsChance", [1.0] * hits + [0.0] * (80 - hits)), ("ClsTied", [1.0, 0.0] * 40)):
+        items = {"default": {"gold": ["x"] * 80, "correct": correct}}
+        score = item_score("classification", items)
+        results["tasks"][name] = {"category": "classification", "main_metric": "accuracy", "main_score": score,
+                                  "items_score": score, "items": items,
+                                  "chance": dict(_CHANCE["classification"], method="test")}
+    results["categories"] = category_means(results["tasks"])
+    return results
+
+
+def _chance_study(tmp_path) -> list[str]:
+    paths = []
+    for row, (name, quality) in enumerate((("a", 0.3), ("b", 0.9), ("base", 0.0))):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(_with_chance(_fake_results(name, quality, seed=row + 1), row)))
+    return paths
+
+
+def test_compare_flags_datasets_without_information_and_reports_both_views(tmp_path):
+    paths = _chance_study(tmp_path)
+    out = tmp_path / "r"
+    assert main([*paths, "--baseline", "a", "--reference", "base", "--output", str(out), "--resamples", "200"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison["flagged"]) == {"ClsChance", "ClsTied"}
+    assert comparison["flagged"]["ClsTied"] == "every row scores 50.00 (all 3 tied)"
+    assert "bootstrap interval contains chance (25.00 or 20.00)" in comparison["flagged"]["ClsChance"]
+    assert comparison["datasets"]["Cls0"]["flag"] is None and comparison["datasets"]["STS0"]["flag"] is None
+    assert comparison["headline"] == "all"
+    assert comparison["categories"]["classification"]["tasks"] == ["Cls0", "Cls1", "ClsChance", "ClsTied"]
+    informative = comparison["categories_informative"]["classification"]
+    assert informative["tasks"] == ["Cls0", "Cls1"]
+    assert informative["means"]["b"] == pytest.approx(np.mean([comparison["datasets"][n]["scores"]["b"]
+                                                               for n in ("Cls0", "Cls1")]))
+    report = (out / "report.md").read_text()
+    assert "The means and tests use all datasets, including the 2 flagged" in report
+    assert "### The same without flagged datasets" in report
+    assert "| ClsTied † | classification | 25.00 | 50.00 |" in report
+    assert "| STS0 | sts | 0.00 |" in report
+    assert "- † ClsChance (classification): every row's 95% bootstrap interval contains chance" in report
+    answer = next(line for line in report.splitlines() if line.startswith("- b vs a, classification:"))
+    assert "(mean over 4 datasets)" in answer and "; without flagged datasets (2): " in answer
+    sts_answer = next(line for line in report.splitlines() if line.startswith("- b vs a, sts:"))
+    assert "without flagged" not in sts_answer  # no STS dataset is flagged
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    tied = [r for r in rows if r["dataset"] == "ClsTied"]
+    assert {r["chance"] for r in tied} == {"0.25"} and all(r["flag"].startswith("every row") for r in tied)
+
+
+def test_compare_headline_informative_leads_with_the_datasets_that_carry_information(tmp_path):
+    paths = _chance_study(tmp_path)
+    out = tmp_path / "r"
+    assert main([*paths, "--baseline", "a", "--reference", "base", "--output", str(out), "--resamples", "200",
+                 "--headline", "informative", "--holm"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["headline"] == "informative"
+    assert comparison["n_tests_informative"] == comparison["n_tests"] == 4  # one tested variant x 4 categories
+    report = (out / "report.md").read_text()
+    first_table = report.split("### The same with all datasets")[0]
+    assert "classification (2)" in first_table and "classification (4)" not in first_table
+    assert "The means and tests leave out the 2 dataset(s) flagged" in report
+    answer = next(line for line in report.splitlines() if line.startswith("- b vs a, classification:"))
+    assert "(mean over 2 datasets)" in answer and "; with all datasets (4): " in answer
+
+
+def test_results_without_chance_levels_still_compare(tmp_path):
+    paths = []
+    for name, quality in (("old", 0.3), ("new", 0.9)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_fake_results(name, quality, seed=len(paths))))  # no "chance" keys
+    out = tmp_path / "r"
+    assert main([*map(str, paths), "--baseline", "old", "--output", str(out), "--resamples", "50"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["datasets"]["STS0"]["chance"] is None and comparison["flagged"] == {}
+    report = (out / "report.md").read_text()
+    assert "| STS0 | sts | - |" in report
+    assert "No dataset is flagged" in report
