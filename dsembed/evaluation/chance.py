@@ -194,8 +194,9 @@ def chance_level(task: AbsTask, seed: int = CHANCE_SEED) -> dict[str, Any] | Non
     per_subset: dict[str, dict[str, Any]] = {}
     for subset, box in task_containers(task).items():
         if category == "sts":
-            per_subset[subset] = {"score": 0.0, "n_items": len(box[split]),
-                                  "gold_values": len(set(box[split]["score"])) if "score" in box[split].column_names else None}
+            pairs = box[split]
+            gold = set(pairs["score"][:]) if "score" in pairs.column_names else None
+            per_subset[subset] = {"score": 0.0, "n_items": len(pairs), "gold_values": None if gold is None else len(gold)}
         elif category == "retrieval":
             per_subset[subset] = _retrieval(box[split])
         elif category == "classification":
@@ -300,11 +301,32 @@ def chance_plan(tasks: list[AbsTask], seed: int = CHANCE_SEED) -> dict[str, dict
     return plan
 
 
+def plan_at_limits(tasks: list[AbsTask], limit: int | None = None,
+                   task_limits: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """Load and cut `tasks` as dsembed-evaluate does (run.prepare_tasks, run.LIMIT_SEED), then
+    `chance_plan` them: what a study's `--plan` prints with `format_chance_plan`.
+
+    Args:
+        tasks: mteb task objects (local or named), not yet loaded.
+        limit: the study's eval_limit (None: uncut).
+        task_limits: its eval_limits {task: N}.
+
+    Returns:
+        As `chance_plan`.
+
+    Raises:
+        UserError: as run.prepare_tasks (unreachable hub, bad local files).
+    """
+    from dsembed.evaluation import run  # run imports this module
+
+    run.prepare_tasks(tasks, limit=limit, task_limits=task_limits, seed=run.LIMIT_SEED)
+    return chance_plan(tasks)
+
+
 def format_chance_plan(plan: dict[str, dict[str, Any]]) -> str:
-    """The plan as lines to print: one per task (chance x100; for classification also mteb's classifier
-    on random embeddings; the problems), then the tasks that carry no information."""
-    lines = [f"{'task':<32} {'category':<15} {'chance':>7} {'random':>7}  carries no information because",
-             f"{'':<32} {'':<15} {'':>7} {'clf':>7}"]
+    """The plan as lines to print: one per task (chance x100; rnd-clf: for classification, mteb's
+    classifier on random embeddings x100; the problems), then the tasks that carry no information."""
+    lines = [f"{'task':<32} {'category':<15} {'chance':>7} {'rnd-clf':>7}  carries no information because"]
     for name, entry in plan.items():
         chance = entry["chance"] or {}
         level = f"{100 * chance['score']:.2f}" if chance else "-"

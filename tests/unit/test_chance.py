@@ -13,7 +13,8 @@ import pytest
 
 from dsembed.evaluation import run
 from dsembed.evaluation.chance import (RANDOM_DIM, cached_chance_level, chance_level, chance_plan, construction_problems,
-                                       expected_random_ndcg_at_10, format_chance_plan, random_v_measure)
+                                       expected_random_ndcg_at_10, format_chance_plan, plan_at_limits,
+                                       random_v_measure)
 from dsembed.evaluation.tasks import limit_task, load_local_tasks
 
 from tests.conftest import write_jsonl
@@ -153,6 +154,13 @@ def test_chance_plan_names_the_tasks_that_carry_no_information(tmp_path):
     run.prepare_tasks(tasks)
     plan = chance_plan(tasks)
     assert list(plan) == ["OneLabel", "FewLabels", "ManyLabels"]
+    # the same through what a study's --plan calls, with a limit for one task: cut labels first
+    at_limits = plan_at_limits(load_local_tasks(tmp_path), task_limits={"ManyLabels": 40})
+    assert at_limits["FewLabels"] == plan["FewLabels"]
+    # 2 texts per label: labels first keeps 2 labels (no third could get 16 texts), 4 texts in all
+    assert at_limits["ManyLabels"]["chance"]["n_items"] == 4
+    assert at_limits["ManyLabels"]["chance"]["n_labels"] == 2
+    assert "only 4 test texts (fewer than 5)" in at_limits["ManyLabels"]["problems"]
     assert plan["ManyLabels"]["chance"]["score"] >= 0.3
     assert any("V-measure" in p for p in plan["ManyLabels"]["problems"])
     assert plan["FewLabels"]["problems"] == [] and plan["FewLabels"]["chance"]["score"] < 0.05
