@@ -12,8 +12,9 @@ Public API (import from the submodules; this package imports nothing heavy on it
 - clustering_limit.limit_cluster_sets / labels_first: how --limit cuts clustering (labels first),
   clustering_limit.measure_random_v_measure(root, limits): the before/after table of its docstring
 - chance.chance_level(task): a no-information model's score on a loaded, limited task;
-  chance.chance_plan(tasks) -> {task: {"category", "chance", "problems"}}, chance.format_chance_plan(plan):
-  the tasks that carry no information by construction, before anything is trained
+  chance.plan_at_limits(tasks, limit, task_limits) / chance.chance_plan(loaded_tasks) ->
+  {task: {"category", "chance", "problems"}}, chance.format_chance_plan(plan): the tasks that carry
+  no information by construction, before anything is trained (a study's --plan)
 - statistics.wilcoxon_test, statistics.paired_bootstrap, statistics.holm, statistics.item_score,
   statistics.score_interval
 - flags.flag_datasets: datasets of a comparison that carry no information (ties, or every row at chance)
