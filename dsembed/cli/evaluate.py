@@ -28,10 +28,17 @@ Results JSON (format "dsembed-eval/1"):
    "layer_weights": {"layers": [int], "norms": [float]} | null,
    "tasks": {NAME: {"category", "type", "main_metric", "main_score", "items_score", "split",
                     "instruction", "source", "scores": {subset: {metric: value}},
-                    "items": {subset: ITEMS} | null, "encoding": {"texts", "embedded"}}},
+                    "items": {subset: ITEMS} | null, "encoding": {"texts", "embedded"},
+                    "chance": CHANCE | null}},
    "categories": {CATEGORY: {"mean", "n_tasks", "tasks"}}}
   ITEMS: sts {"cosine", "gold"}; retrieval {"query_ids", "ndcg_at_10"};
          classification {"gold", "correct"}; clustering {"sets": [{"labels", "clusters"}]}.
+  CHANCE: the score of a no-information model at the task's limit (dsembed.evaluation.chance):
+         {"score", "method", "subsets": {subset: score}, "n_items"}; classification adds
+         "random_embeddings" (mteb's classifier on random vectors), "n_labels", "train_per_label";
+         clustering "draws", "n_labels"; retrieval "candidates"; STS "gold_values". mteb's files
+         carry it as "dsembed_chance" in each subset's scores. A task finished by an earlier run
+         without it gets it when the run resumes (no model needed).
 """
 from __future__ import annotations
 
@@ -63,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
     p.add_argument("--instruction", action="append", default=[], metavar="TASK=TEXT",
                    help="query instruction for a task (empty TEXT: none); repeatable")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="about N test items per task (STS: the pairs among at most 2N distinct texts)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="about N test items per task (STS: the pairs among at most 2N distinct texts; "
+                   "clustering: N texts of a few labels, see dsembed/evaluation/clustering_limit.py)")
     p.add_argument("--task-limit", action="append", default=[], metavar="TASK=N",
                    help="--limit for one task (overrides --limit there); repeatable")
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
@@ -174,6 +182,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the command line, read the tasks and split them into finished and pending."""
     from dsembed.config import load_recipe
     from dsembed.evaluation import resume, run
+    from dsembed.evaluation.chance import chance_level
     from dsembed.evaluation.tasks import load_local_tasks
     from dsembed.study.stages import recipe_fingerprint
 
@@ -230,7 +239,14 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     if stale and not args.overwrite:
         _log(f"{len(stale)} earlier task result(s) in {store_folder} were made for other weights or settings "
              f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}): recomputing them")
-    run.prepare_tasks(pending, limit=args.limit, task_limits=task_limits, seed=run.LIMIT_SEED)
+    # tasks finished before chance levels were recorded get theirs now: the data only, no model
+    no_chance = [t for t in tasks if t.metadata.name in finished and "chance" not in finished[t.metadata.name]["entry"]]
+    run.prepare_tasks(pending + no_chance, limit=args.limit, task_limits=task_limits, seed=run.LIMIT_SEED)
+    for task in no_chance:
+        record = finished[task.metadata.name]
+        run.attach_chance(record["entry"], record["mteb_task_result"], chance_level(task))
+        store.save(task.metadata.name, keys[task.metadata.name], record["entry"], record["mteb_task_result"],
+                   record.get("layer_weights"))
     return {"recipe": recipe, "tasks": tasks, "pending": pending, "finished": finished, "keys": keys,
             "store": store, "results_dir": results_dir, "task_limits": task_limits,
             "instructions": instructions, "batch_size": args.batch_size or (eval_cfg.batch_size if eval_cfg else 32),

@@ -9,6 +9,16 @@ Public API (import from the submodules; this package imports nothing heavy on it
 - run.named_tasks(names), run.prepare_tasks(tasks, limit), run.resolve_instructions(tasks, overrides),
   run.evaluate_tasks(model, tasks, ...) -> results dict, run.evaluate_task(encoder, task, ...),
   run.layer_weight_info(model)
-- statistics.wilcoxon_test, statistics.paired_bootstrap, statistics.holm, statistics.item_score
-- report.format_results_table, report.load_results, report.compare, report.write_report
+- clustering_limit.limit_cluster_sets / labels_first: how --limit cuts clustering (labels first),
+  clustering_measure.measure_random_v_measure(root, limits): the before/after table of its docstring
+- chance.chance_level(task): a no-information model's score on a loaded, limited task;
+  chance.chance_plan(tasks loaded and cut by run.prepare_tasks) ->
+  {task: {"category", "chance", "problems"}}, chance.format_chance_plan(plan): the tasks that carry
+  no information by construction, before anything is trained (a study's --plan)
+- statistics.wilcoxon_test, statistics.paired_bootstrap, statistics.holm, statistics.item_score,
+  statistics.score_interval (both bootstraps take one result's items or a list, one per seed),
+  statistics.power_table / smallest_wilcoxon_p: what a study's datasets and Holm family can decide
+- flags.flag_datasets: datasets of a comparison that carry no information (ties, or every row at chance)
+- comparison.load_results (a variant's seeds grouped), comparison.compare (the comparison record)
+- report.format_results_table, report.markdown, report.write_report
 """

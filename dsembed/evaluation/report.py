@@ -1,10 +1,7 @@
 """Tables, files and plots: the evaluate screen table and the study comparison report.
 
-`compare()` turns several evaluate results (one per variant) into one comparison record: per
-category the mean over the datasets every variant has, the Wilcoxon test of each variant against
-the baseline (Holm-adjusted over all variant x category tests when asked), and per dataset the
-paired bootstrap interval of (variant - baseline). `write_report()` writes it as Markdown, CSV,
-JSON and PNG.
+The comparison record itself is computed by dsembed.evaluation.comparison (`compare`);
+`write_report()` writes it as Markdown, CSV, JSON and PNG.
 """
 from __future__ import annotations
 
@@ -15,126 +12,26 @@ from typing import Any
 
 import numpy as np
 
-from dsembed.errors import UserError
-from dsembed.evaluation import statistics
+from dsembed.evaluation.comparison import headline_view, other_view
 from dsembed.evaluation.presets import CATEGORIES, MAIN_METRIC
 
 
 def format_results_table(results: dict[str, Any]) -> str:
-    """A plain-text table of per-task main scores and per-category means (x100)."""
-    lines = [f"{'category':<15} {'task':<40} {'metric':<16} {'score':>7}", "-" * 81]
+    """A plain-text table of per-task main scores, chance levels ('-': not recorded) and per-category
+    means (x100)."""
+    lines = [f"{'category':<15} {'task':<40} {'metric':<16} {'score':>7} {'chance':>7}", "-" * 89]
     for cat in CATEGORIES:
         for name, entry in results["tasks"].items():
             if entry["category"] == cat:
-                lines.append(f"{cat:<15} {name:<40} {entry['main_metric']:<16} {100 * entry['main_score']:>7.2f}")
-    lines.append("-" * 81)
+                chance = entry.get("chance")
+                level = f"{100 * chance['score']:.2f}" if chance else "-"
+                lines.append(f"{cat:<15} {name:<40} {entry['main_metric']:<16} {100 * entry['main_score']:>7.2f}"
+                             f" {level:>7}")
+    lines.append("-" * 89)
     for cat, record in results["categories"].items():
         lines.append(f"{cat:<15} {'mean of ' + str(record['n_tasks']) + ' task(s)':<40} "
                      f"{MAIN_METRIC[cat]:<16} {100 * record['mean']:>7.2f}")
     return "\n".join(lines)
-
-
-def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
-    """Variant name (results' model name, else the file stem) -> results dict, in argument order."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in map(Path, paths):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"results file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        if "tasks" not in data:
-            raise UserError(f"{path}: not a dsembed-evaluate results file (no 'tasks' key)")
-        name = (data.get("model") or {}).get("name") or path.stem
-        if name in out:
-            name = path.stem if path.stem not in out else str(path)
-        out[name] = data
-    return out
-
-
-HOLM_FAMILIES = ("none", "all", "per_variant")
-
-
-def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: bool = False,
-            alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
-            references: tuple[str, ...] | list[str] = (), holm_family: str | None = None) -> dict[str, Any]:
-    """The comparison record of all variants against `baseline` (schema in dsembed/cli/compare.py).
-
-    Args:
-        use_holm: Holm over every variant x category test (the same as holm_family="all").
-        holm_family: "none", "all" (every variant x category test) or "per_variant" (each variant's
-            tests over the categories: the paper's question per design); overrides use_holm.
-        references: variants shown in the tables (with bootstrap intervals) but not tested: no
-            Wilcoxon test and not in the Holm family (e.g. the untrained `base` of an ablation study,
-            whose questions are the ablations against the full method).
-
-    Raises:
-        UserError: the baseline is not among the variants, a reference is unknown or is the baseline,
-            or fewer than two variants.
-    """
-    family = holm_family or ("all" if use_holm else "none")
-    if family not in HOLM_FAMILIES:
-        raise UserError(f"--holm-family {family!r}: use one of {', '.join(HOLM_FAMILIES)}")
-    use_holm = family != "none"
-    if baseline not in variants:
-        raise UserError(f"--baseline {baseline!r} is not one of the results: {', '.join(variants)}")
-    if len(variants) < 2:
-        raise UserError("compare needs at least two results files")
-    bad = [r for r in references if r not in variants or r == baseline]
-    if bad:
-        raise UserError(f"--reference {bad[0]!r} is not one of the non-baseline results: "
-                        f"{', '.join(v for v in variants if v != baseline)}")
-    others = [v for v in variants if v != baseline]
-    tested = [v for v in others if v not in references]
-    common = set.intersection(*(set(r["tasks"]) for r in variants.values()))
-    base_tasks = variants[baseline]["tasks"]
-    categories: dict[str, Any] = {}
-    for cat in CATEGORIES:
-        names = sorted(n for n in common if base_tasks[n]["category"] == cat)
-        if not names:
-            continue
-        score = {v: {n: variants[v]["tasks"][n]["main_score"] for n in names} for v in variants}
-        categories[cat] = {
-            "tasks": names,
-            "means": {v: float(np.mean(list(score[v].values()))) for v in variants},
-            "tests": {v: statistics.wilcoxon_test(score[baseline], score[v]).to_dict() for v in tested},
-        }
-    tests = [(cat, v) for cat in categories for v in tested]
-    families = [tests] if family == "all" else [[(c, v) for c, t in tests if t == v] for v in tested] \
-        if family == "per_variant" else []
-    adjusted_of = {test: None for test in tests}
-    for members in families:
-        if members:
-            values = statistics.holm([categories[c]["tests"][v]["pvalue"] for c, v in members], alpha)
-            adjusted_of.update(zip(members, values))
-    adjusted = [adjusted_of[test] for test in tests]
-    for (cat, v), p_adj in zip(tests, adjusted):
-        test = categories[cat]["tests"][v]
-        test["p_holm"] = p_adj
-        p = p_adj if use_holm else test["pvalue"]
-        test["significant"] = bool(p is not None and not np.isnan(p) and p < alpha)
-    datasets: dict[str, Any] = {}
-    for name in sorted(common, key=lambda n: (CATEGORIES.index(base_tasks[n]["category"]), n)):
-        cat = base_tasks[name]["category"]
-        record = {"category": cat, "scores": {v: variants[v]["tasks"][name]["main_score"] for v in variants},
-                  "bootstrap": {}}
-        for v in others:
-            a, b = base_tasks[name].get("items"), variants[v]["tasks"][name].get("items")
-            if a and b:
-                try:
-                    record["bootstrap"][v] = statistics.paired_bootstrap(
-                        cat, a, b, n_resamples=n_resamples, seed=seed).to_dict()
-                except ValueError as err:
-                    record["bootstrap"][v] = {"error": str(err)}
-            else:
-                record["bootstrap"][v] = {"error": "no per-item scores in the results"}
-        datasets[name] = record
-    layer_weights = {v: r["layer_weights"] for v, r in variants.items() if r.get("layer_weights")}
-    return {"baseline": baseline, "variants": list(variants), "references": list(references),
-            "alpha": alpha, "holm": use_holm, "holm_family": family,
-            "holm_family_size": max((len(m) for m in families), default=1), "n_tests": len(tests), "n_resamples": n_resamples, "categories": categories, "datasets": datasets,
-            "layer_weights": layer_weights}
 
 
 def _mark(test: dict[str, Any] | None) -> str:
@@ -143,31 +40,21 @@ def _mark(test: dict[str, Any] | None) -> str:
     return " ▲*" if test["mean_difference"] > 0 else " ▼*"
 
 
-def markdown(comparison: dict[str, Any]) -> str:
-    """Markdown: variants x categories (best in bold, * = significant vs baseline), then datasets."""
-    cats, base = list(comparison["categories"]), comparison["baseline"]
-    p_name = "Holm-adjusted p" if comparison["holm"] else "p"
-    family = comparison.get("holm_family", "all" if comparison["holm"] else "none")
-    family_text = {"none": "no correction (the paper's uncorrected Wilcoxon)",
-                   "all": f"Holm over all {comparison['n_tests']} variant x category tests",
-                   "per_variant": f"Holm per variant over its {comparison.get('holm_family_size')} category tests "
-                                  "(the paper's question for each design)"}[family]
-    out = [f"# Comparison against `{base}`", "",
-           f"Category means x100 over the datasets all variants have. ▲*/▼*: Wilcoxon signed-rank "
-           f"(two-sided, paired over datasets) {p_name} < {comparison['alpha']} vs the baseline. "
-           f"Multiple testing: {family_text}.", "",
-           "| variant | " + " | ".join(f"{c} ({len(comparison['categories'][c]['tasks'])})" for c in cats) + " |",
+def _tables(comparison: dict[str, Any], categories: dict[str, Any]) -> list[str]:
+    """The means table (best in bold, ▲*/▼*) and the Wilcoxon p table of one view."""
+    cats, base = list(categories), comparison["baseline"]
+    out = ["| variant | " + " | ".join(f"{c} ({len(categories[c]['tasks'])})" for c in cats) + " |",
            "|---|" + "---:|" * len(cats)]
     for v in comparison["variants"]:
         cells = []
         for c in cats:
-            record = comparison["categories"][c]
+            record = categories[c]
             text = f"{100 * record['means'][v]:.2f}"
             if record["means"][v] == max(record["means"].values()):
                 text = f"**{text}**"
             cells.append(text + _mark(record["tests"].get(v)))
         out.append(f"| {v}{' (baseline)' if v == base else ''} | " + " | ".join(cells) + " |")
-    both = " (uncorrected, as the paper / Holm-adjusted)" if comparison["holm"] else ""
+    both = " (uncorrected, the paper's test / Holm-adjusted)" if comparison["holm"] else ""
     out += ["", f"Wilcoxon p per category{both}:", "", "| variant | " + " | ".join(cats) + " |",
             "|---|" + "---:|" * len(cats)]
     references = comparison.get("references", [])
@@ -176,19 +63,99 @@ def markdown(comparison: dict[str, Any]) -> str:
             continue
         cells = []
         for c in cats:
-            t = comparison["categories"][c]["tests"][v]
+            t = categories[c]["tests"][v]
             p = f"{t['pvalue']:.3g}" + (f" / {t['p_holm']:.3g}" if comparison["holm"] else "")
             tied = f", {t['n_zero']} tied" if t.get("n_zero") else ""  # zero differences: not in n
             cells.append(f"{p} (n={t['n']}{tied})")
         out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _which_view(comparison: dict[str, Any]) -> str:
+    """The sentence that says which datasets the means and tests use."""
+    flagged = comparison.get("flagged", {})
+    if not flagged:
+        return "No dataset is flagged as carrying no information at its limit: the means and tests use every dataset."
+    names = ", ".join(flagged)
+    if comparison.get("headline", "all") == "informative":
+        return (f"The means and tests leave out the {len(flagged)} dataset(s) flagged as carrying no information "
+                f"at their limit ({names}; reasons below); the same with all datasets follows.")
+    return (f"The means and tests use all datasets, including the {len(flagged)} flagged as carrying no "
+            f"information at their limit ({names}; reasons below); the same without them follows.")
+
+
+def family_text(comparison: dict[str, Any]) -> str:
+    """The multiple-testing family of a comparison, in words."""
+    family = comparison.get("holm_family", "all" if comparison["holm"] else "none")
+    size = comparison.get("holm_family_size", comparison["n_tests"])
+    return {"none": "none (the paper's uncorrected Wilcoxon)",
+            "all": f"Holm over all {size} variant x category tests",
+            "per_variant": f"Holm per variant over its {size} category tests (the paper's question for each design)"}[family]
+
+
+def power_text(comparison: dict[str, Any]) -> str:
+    """What the study can decide at all: per category n, the smallest Wilcoxon p, and whether the
+    Holm family lets it reach alpha."""
+    rows = comparison.get("power") or []
+    if not rows:
+        return ""
+    alpha = comparison["alpha"]
+    parts = [f"{r['category']} n = {r['n']} (smallest p {r['min_p']:.3g}"
+             + (f", best after correction {r['best_p_after_correction']:.3g}" if comparison["holm"] else "")
+             + f": {'can' if r['reachable'] else 'cannot'} reach p < {alpha})" for r in rows]
+    return ("Power: a Wilcoxon signed-rank test over n datasets cannot give p below 2/2^n, whatever the "
+            f"scores; with this study's datasets and multiple-testing family ({family_text(comparison)}): "
+            + "; ".join(parts) + ".")
+
+
+def seed_lines(comparison: dict[str, Any], categories: dict[str, Any]) -> list[str]:
+    """Per category the mean ± sd over seeds of each variant trained with several seeds, and the
+    seed-to-seed difference of the same variant (the noise floor of a design difference)."""
+    seeded = [v for v in comparison["variants"] if any(v in r.get("seeds", {}) for r in categories.values())]
+    if not seeded:
+        return []
+    cats = list(categories)
+    out = ["", "Seeds: category mean x100 ± sd over training seeds (each seed's mean over the datasets), and "
+           "the mean seed-to-seed difference of the same variant in brackets: a difference between designs "
+           "below it is within training noise.", "",
+           "| variant | seeds | " + " | ".join(cats) + " |", "|---|---|" + "---:|" * len(cats)]
+    for v in seeded:
+        cells = []
+        for c in cats:
+            st = categories[c].get("seeds", {}).get(v)
+            cells.append("-" if st is None else f"{100 * st['mean']:.2f} ± {100 * st['sd']:.2f} [{100 * st['seed_to_seed']:.2f}]")
+        seeds = next(iter(categories[c]["seeds"][v]["seeds"] for c in cats if v in categories[c].get("seeds", {})))
+        out.append(f"| {v} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    floors = [categories[c]["seeds"][v]["seed_to_seed"] for c in cats for v in seeded if v in categories[c].get("seeds", {})]
+    out += ["", f"Mean seed-to-seed difference over variants and categories: {100 * float(np.mean(floors)):.2f} points."]
+    return out
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    """Markdown: variants x categories (best in bold, * = significant vs baseline), then datasets."""
+    base = comparison["baseline"]
+    categories, _ = headline_view(comparison)
+    p_name = "Holm-adjusted p" if comparison["holm"] else "p"
+    power = power_text(comparison)
+    out = [f"# Comparison against `{base}`", ""] + ([power, ""] if power else []) + [
+           f"Category means x100 over the datasets all variants have (a variant trained with several seeds: "
+           f"each dataset's mean over its seeds). ▲*/▼*: Wilcoxon signed-rank (two-sided, paired over "
+           f"datasets) {p_name} < {comparison['alpha']} vs the baseline. Multiple testing: {family_text(comparison)}.", "",
+           _which_view(comparison), ""] + _tables(comparison, categories) + seed_lines(comparison, categories)
+    if comparison.get("flagged"):
+        other, _, label = other_view(comparison)
+        out += ["", f"### The same {label}", ""]
+        out += _tables(comparison, other) if other else ["(no dataset left)"]
     out += ["", f"## Answers: each variant against `{base}`", ""] + [f"- {line}" for line in answers(comparison)]
+    references = comparison.get("references", [])
     if references:
         out += ["", f"Not tested (reference rows): {', '.join(references)}."]
     others = [v for v in comparison["variants"] if v != base]
-    out += ["", "Per dataset x100: variant score, difference to the baseline and its paired bootstrap "
-            "95% interval (* = interval excludes 0).", "",
-            "| dataset | category | " + base + " | " + " | ".join(others) + " |",
-            "|---|---|---:|" + "---:|" * len(others)]
+    out += ["", "Per dataset x100: chance (the score of a no-information model at the task's limit; "
+            "'-': not in the results), variant score, difference to the baseline and its paired bootstrap "
+            "95% interval (* = interval excludes 0); † = carries no information at this limit.", "",
+            "| dataset | category | chance | " + base + " | " + " | ".join(others) + " |",
+            "|---|---|---:|---:|" + "---:|" * len(others)]
     for name, d in comparison["datasets"].items():
         cells = []
         for v in others:
@@ -199,17 +166,30 @@ def markdown(comparison: dict[str, Any]) -> str:
                 text += (f" ({100 * boot['difference']:+.2f} [{100 * boot['low']:+.2f}, "
                          f"{100 * boot['high']:+.2f}]{star})")
             cells.append(text)
-        out.append(f"| {name} | {d['category']} | {100 * d['scores'][base]:.2f} | " + " | ".join(cells) + " |")
+        chance = d.get("chance")
+        level = "-" if not chance else f"{100 * chance['score']:.2f}"
+        mark = " †" if d.get("flag") else ""
+        out.append(f"| {name}{mark} | {d['category']} | {level} | {100 * d['scores'][base]:.2f} | "
+                   + " | ".join(cells) + " |")
+    flagged = comparison.get("flagged", {})
+    notes = {n: d["problems"] for n, d in comparison["datasets"].items() if d.get("problems")}
+    if flagged or notes:
+        out += ["", "## Datasets that carry no information at this limit", ""]
+        out += [f"- † {n} ({comparison['datasets'][n]['category']}): {reason}" for n, reason in flagged.items()]
+        out += [f"- {n}: by construction, {'; '.join(problems)}" for n, problems in notes.items()]
     return "\n".join(out) + "\n"
 
 
 def answers(comparison: dict[str, Any]) -> list[str]:
     """One line per tested variant and category: the difference to the baseline, the Wilcoxon test
-    over datasets and whether the difference holds at alpha, before and after Holm."""
+    over datasets and whether the difference holds at alpha, before and after Holm; where datasets
+    are flagged, the same in the other view (with or without them)."""
     base, alpha = comparison["baseline"], comparison["alpha"]
+    categories, family_size = headline_view(comparison)
+    other, _, label = other_view(comparison) if comparison.get("flagged") else ({}, 0, "")
     lines = []
     for v in comparison["variants"]:
-        for cat, record in comparison["categories"].items():
+        for cat, record in categories.items():
             test = record["tests"].get(v)
             if test is None:
                 continue
@@ -220,19 +200,29 @@ def answers(comparison: dict[str, Any]) -> list[str]:
                     f"Wilcoxon p = {p:.3g} (n = {test['n']}); p < {alpha}: {held}")
             if comparison["holm"]:
                 holds = "yes" if test["significant"] else "no"
-                size = comparison.get("holm_family_size", comparison["n_tests"])
-                scope = f"{v}'s {size} tests" if comparison.get("holm_family") == "per_variant" else f"{size} tests"
+                scope = (f"{v}'s {family_size} tests" if comparison.get("holm_family") == "per_variant"
+                         else f"{family_size} tests")
                 line += f"; after Holm over {scope} (p = {test['p_holm']:.3g}): {holds}"
+            alt = other.get(cat)
+            if comparison.get("flagged") and (alt is None or alt["tasks"] != record["tasks"]):
+                if alt is None:
+                    line += f"; {label}: no dataset left"
+                else:
+                    alt_test = alt["tests"][v]
+                    alt_diff = 100 * (alt["means"][v] - alt["means"][base])
+                    line += (f"; {label} ({len(alt['tasks'])}): {alt_diff:+.2f} points, "
+                             f"Wilcoxon p = {alt_test['pvalue']:.3g} (n = {alt_test['n']})")
             lines.append(line)
     return lines
 
 
 def write_csv(comparison: dict[str, Any], path: Path) -> None:
-    """One row per (dataset, variant): scores, bootstrap difference/interval, category test p."""
+    """One row per (dataset, variant): scores, bootstrap difference/interval, category mean and test
+    p over all datasets, the task's chance level and its flag (empty: none or not recorded)."""
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["dataset", "category", "variant", "score", "baseline_score", "difference",
-                         "ci_low", "ci_high", "ci_significant", "category_mean", "wilcoxon_p", "holm_p"])
+                         "ci_low", "ci_high", "ci_significant", "category_mean", "wilcoxon_p", "holm_p", "chance", "flag"])
         base = comparison["baseline"]
         for name, d in comparison["datasets"].items():
             cat = comparison["categories"][d["category"]]
@@ -242,7 +232,8 @@ def write_csv(comparison: dict[str, Any], path: Path) -> None:
                 writer.writerow([name, d["category"], v, d["scores"][v], d["scores"][base],
                                  boot.get("difference", ""), boot.get("low", ""), boot.get("high", ""),
                                  boot.get("significant", ""), cat["means"][v], test.get("pvalue", ""),
-                                 test.get("p_holm", "") if test.get("p_holm") is not None else ""])
+                                 test.get("p_holm", "") if test.get("p_holm") is not None else "",
+                                 (d.get("chance") or {}).get("score", ""), d.get("flag") or ""])
 
 
 def _save(fig: Any, path: Path) -> Path:

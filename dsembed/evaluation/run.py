@@ -10,7 +10,9 @@ mteb computes each score; small hooks on the task instance copy out what it comp
 - clustering (legacy, one k-means per set): each set's labels and assigned clusters
   (`_compute_metrics`; sets with one label, which mteb scores 1.0 without clustering, are added).
 Each task's main score is recomputed from the items and compared with mteb's, so a change in mteb's
-internals shows up as a warning instead of silently wrong intervals.
+internals shows up as a warning instead of silently wrong intervals. Beside it each task keeps the
+score of a no-information model at the limit it was run with (`chance`, see evaluation.chance), also
+written into mteb's TaskResult as the extra field `dsembed_chance` of every subset's scores.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 from mteb.abstasks import AbsTask, AbsTaskClusteringLegacy
 
 from dsembed.errors import UserError
+from dsembed.evaluation.chance import cached_chance_level
 from dsembed.evaluation.encoder import MtebEncoder, TextEncoder
 from dsembed.evaluation.presets import CATEGORY_OF_TYPE, MAIN_METRIC, PRESETS, default_instruction
 from dsembed.evaluation.statistics import item_score
@@ -101,6 +104,7 @@ def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = LI
         UserError: a named task's data cannot be downloaded (hub unreachable), or a local file is bad.
     """
     for task in tasks:
+        task.__dict__.pop("_dsembed_chance", None)  # chance.cached_chance_level of earlier data
         try:
             task.load_data()
         except _hub_errors() as err:
@@ -245,7 +249,8 @@ def evaluate_tasks(model: TextEncoder, tasks: list[AbsTask], *, model_name: str 
         results[name] = entry
         if on_task is not None:
             on_task(task, entry, task_result)
-        log(f"    {MAIN_METRIC[category]} = {entry['main_score']:.4f} ({entry['encoding']['embedded']} of "
+        chance = f", chance {entry['chance']['score']:.4f}" if entry.get("chance") else ""
+        log(f"    {MAIN_METRIC[category]} = {entry['main_score']:.4f}{chance} ({entry['encoding']['embedded']} of "
             f"{entry['encoding']['texts']} texts embedded, the rest repeated or reused)")
     return {"format": RESULTS_FORMAT, "model": {"name": model_name}, "mteb_version": mteb.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -297,7 +302,26 @@ def evaluate_task(encoder: MtebEncoder, task: AbsTask, instructions: dict[str, s
                            name, entry["items_score"], main)
     else:
         entry["items"] = None
-    return entry, task_result.model_dump(mode="json")  # JSON-safe (dates as text); TaskResult.from_dict reads it
+    dumped = task_result.model_dump(mode="json")  # JSON-safe (dates as text); TaskResult.from_dict reads it
+    attach_chance(entry, dumped, cached_chance_level(task))
+    return entry, dumped
+
+
+def attach_chance(entry: dict[str, Any], task_result: dict[str, Any], chance: dict[str, Any] | None) -> None:
+    """Put a task's chance record into its results entry and, per subset, into mteb's TaskResult dict.
+
+    mteb's scores are free-form dicts per subset, so `dsembed_chance` (the record without its
+    per-subset parts, with the subset's own score) travels through TaskResult.from_dict, mteb's
+    ResultCache and TaskResult.from_disk unchanged.
+    """
+    entry["chance"] = chance
+    if chance is None:
+        return
+    for split_scores in task_result.get("scores", {}).values():
+        for scores in split_scores:
+            level = chance["subsets"].get(scores.get("hf_subset", "default"), chance["score"])
+            scores["dsembed_chance"] = {**{k: v for k, v in chance.items() if k not in ("subsets", "draws")},
+                                        "score": level}
 
 
 def category_means(tasks: dict[str, dict]) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,9 @@ model's score, giving a percentile 95% interval for the difference (variant - ba
 - clustering: items, resampled within each cluster set; V-measure (sklearn) of the fixed k-means
   assignment on the resampled items, averaged over sets. The clustering itself is not refit, so
   the interval covers sampling of items, not k-means' own randomness.
-Subsets (languages) are resampled separately and averaged, like mteb's main score.
+Subsets (languages) are resampled separately and averaged, like mteb's main score. The same
+resampling gives one result's own interval (`score_interval`), which the report holds against the
+task's chance level.
 Holm's step-down correction comes from statsmodels.
 """
 from __future__ import annotations
@@ -129,34 +131,57 @@ def _full_index(category: str, items: dict):
     return [np.arange(n) for n in sizes] if isinstance(sizes, list) else np.arange(sizes)
 
 
+def _resample(category: str, items: dict, rng: np.random.Generator):
+    """One bootstrap draw of item indices (clustering: within each set)."""
+    sizes = _sizes(category, items)
+    return [rng.integers(0, n, n) for n in sizes] if isinstance(sizes, list) else rng.integers(0, sizes, sizes)
+
+
 def item_score(category: str, items_by_subset: dict[str, dict]) -> float:
     """A task's main score recomputed from its kept items (mean over subsets, as mteb)."""
     return float(np.mean([_SCORE[category](items, _full_index(category, items))
                           for items in items_by_subset.values()]))
 
 
-def _align(category: str, base: dict, var: dict) -> tuple[dict, dict]:
-    """Pair retrieval queries by id; check the other categories hold the same items."""
+def _runs(items: dict | list[dict]) -> list[dict]:
+    """One result's items, or several seeds' items of one variant, as a list of runs."""
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _align(category: str, runs: list[dict]) -> list[dict]:
+    """Pair retrieval queries by id across runs; check the other categories hold the same items."""
     if category == "retrieval":
-        common = sorted(set(base["query_ids"]) & set(var["query_ids"]))
-        pick = lambda it: {"query_ids": common, "ndcg_at_10": [  # noqa: E731
-            dict(zip(it["query_ids"], it["ndcg_at_10"]))[q] for q in common]}
-        return pick(base), pick(var)
-    if _sizes(category, base) != _sizes(category, var):
-        raise ValueError(f"{category} items differ in number between the two results "
+        common = sorted(set.intersection(*(set(r["query_ids"]) for r in runs)))
+        return [{"query_ids": common, "ndcg_at_10": [dict(zip(r["query_ids"], r["ndcg_at_10"]))[q] for q in common]}
+                for r in runs]
+    if any(_sizes(category, r) != _sizes(category, runs[0]) for r in runs):
+        raise ValueError(f"{category} items differ in number between the results "
                          "(were they evaluated with the same --limit and data?)")
-    return base, var
+    return runs
 
 
-def paired_bootstrap(category: str, baseline: dict[str, dict], variant: dict[str, dict],
-                     n_resamples: int = 1000, confidence: float = 0.95,
-                     seed: int = 0) -> BootstrapResult:
+def _percentiles(draws: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of bootstrap draws; a degenerate resample (constant ranks: no
+    Spearman) is left out."""
+    draws = draws[~np.isnan(draws)]
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail]) if draws.size else (np.nan, np.nan)
+    return float(low), float(high)
+
+
+def paired_bootstrap(category: str, baseline: dict[str, dict] | list[dict[str, dict]],
+                     variant: dict[str, dict] | list[dict[str, dict]], n_resamples: int = 1000,
+                     confidence: float = 0.95, seed: int = 0) -> BootstrapResult:
     """Paired percentile bootstrap interval of (variant - baseline) for one dataset.
+
+    A side given as a list holds one run per training seed: its score on a draw is the mean of the
+    seeds' scores on the same items (every run of both sides is resampled with one index draw).
 
     Args:
         category: "sts", "retrieval", "classification" or "clustering".
-        baseline: the baseline's `items` for the task (subset -> per-item record, see run.py).
-        variant: the variant's `items` for the same task.
+        baseline: the baseline's `items` for the task (subset -> per-item record, see run.py), or a
+            list of them (seeds).
+        variant: the variant's `items` for the same task, or a list of them (seeds).
         n_resamples: bootstrap resamples.
         confidence: interval coverage.
         seed: numpy Generator seed (results are reproducible).
@@ -165,28 +190,84 @@ def paired_bootstrap(category: str, baseline: dict[str, dict], variant: dict[str
         The full-data difference and the percentile interval.
 
     Raises:
-        ValueError: the two results do not hold the same items.
+        ValueError: the results do not hold the same items.
     """
     rng = np.random.default_rng(seed)
     score = _SCORE[category]
-    pairs = [_align(category, baseline[s], variant[s]) for s in sorted(set(baseline) & set(variant))]
-    if not pairs:
-        raise ValueError("the two results share no subset of this task")
+    bases, variants = _runs(baseline), _runs(variant)
+    subsets = sorted(set.intersection(*(set(r) for r in bases + variants)))
+    if not subsets:
+        raise ValueError("the results share no subset of this task")
+    aligned = [_align(category, [r[s] for r in bases + variants]) for s in subsets]
 
     def difference(draw: bool) -> float:
         diffs = []
-        for base, var in pairs:
-            sizes = _sizes(category, base)
-            if isinstance(sizes, list):
-                idx = [rng.integers(0, n, n) if draw else np.arange(n) for n in sizes]
-            else:
-                idx = rng.integers(0, sizes, sizes) if draw else np.arange(sizes)
-            diffs.append(score(var, idx) - score(base, idx))
+        for runs in aligned:
+            idx = _resample(category, runs[0], rng) if draw else _full_index(category, runs[0])
+            scores = [score(r, idx) for r in runs]
+            diffs.append(np.mean(scores[len(bases):]) - np.mean(scores[:len(bases)]))
         return float(np.mean(diffs))
 
     full = difference(draw=False)
     draws = np.array([difference(draw=True) for _ in range(n_resamples)])
-    draws = draws[~np.isnan(draws)]  # a degenerate resample (constant ranks) has no Spearman
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail]) if draws.size else (np.nan, np.nan)
-    return BootstrapResult(full, float(low), float(high), n_resamples, confidence)
+    low, high = _percentiles(draws, confidence)
+    return BootstrapResult(full, low, high, n_resamples, confidence)
+
+
+def score_interval(category: str, items_by_subset: dict[str, dict] | list[dict[str, dict]], n_resamples: int = 1000,
+                   confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of one result's own main score (items resampled as above).
+
+    Args:
+        category: "sts", "retrieval", "classification" or "clustering".
+        items_by_subset: the result's `items` for the task, or a list of them (one per seed: the
+            score is the seeds' mean on the same draw).
+        n_resamples: bootstrap resamples.
+        confidence: interval coverage.
+        seed: numpy Generator seed.
+
+    Returns:
+        (score on the full items, low, high).
+    """
+    rng = np.random.default_rng(seed)
+    score = _SCORE[category]
+    runs = _runs(items_by_subset)
+    aligned = [_align(category, [r[s] for r in runs]) for s in sorted(set.intersection(*(set(r) for r in runs)))]
+
+    def value(draw: bool) -> float:
+        means = []
+        for subset_runs in aligned:
+            idx = _resample(category, subset_runs[0], rng) if draw else _full_index(category, subset_runs[0])
+            means.append(np.mean([score(r, idx) for r in subset_runs]))
+        return float(np.mean(means))
+
+    full = value(draw=False)
+    draws = np.array([value(draw=True) for _ in range(n_resamples)])
+    return (full, *_percentiles(draws, confidence))
+
+
+# --- power of a study: what a Wilcoxon test over n datasets can ever say ------------------------
+
+def smallest_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p of an exact Wilcoxon signed-rank test over n paired datasets:
+    2 / 2^n, when every difference has the same sign."""
+    return 1.0 if n < 1 else min(1.0, 2.0 / 2 ** n)
+
+
+def power_table(datasets_per_category: dict[str, int], family: str, n_tested: int,
+                alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Per category: n datasets, the smallest Wilcoxon p, and whether it can go below alpha at all.
+
+    The best case of the study's Holm family: every test at the smallest p its category allows.
+    "all" holds n_tested x categories tests, "per_variant" one test per category (for each variant),
+    "none" leaves the p-values uncorrected. A category that cannot reach alpha even then cannot
+    reach it with any data.
+    """
+    categories = list(datasets_per_category)
+    smallest = [smallest_wilcoxon_p(datasets_per_category[c]) for c in categories]
+    copies = max(n_tested, 1) if family == "all" else 1
+    adjusted = holm(smallest * copies, alpha)[:len(categories)] if family != "none" and smallest else smallest
+    size = {"none": 1, "all": copies * len(categories), "per_variant": len(categories)}[family]
+    return [{"category": c, "n": datasets_per_category[c], "min_p": p, "best_p_after_correction": a,
+             "family_size": size, "reachable": bool(a < alpha)}
+            for c, p, a in zip(categories, smallest, adjusted)]

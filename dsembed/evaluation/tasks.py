@@ -33,6 +33,7 @@ from mteb.abstasks import (
 from mteb.abstasks.task_metadata import TaskMetadata
 
 from dsembed.errors import DataError, UserError
+from dsembed.evaluation.clustering_limit import limit_cluster_sets
 from dsembed.evaluation.presets import CATEGORIES, MAIN_METRIC
 
 _TYPE_NAME = {"sts": "STS", "retrieval": "Retrieval", "classification": "Classification",
@@ -264,13 +265,13 @@ def load_local_tasks(root: str | Path, names: list[str] | None = None) -> list[A
     return [local_task(d, cat) for cat, d in found]
 
 
-def _containers(task: AbsTask) -> list[dict]:
-    """The per-subset split containers of a loaded task (mteb stores "default" flat for most)."""
+def task_containers(task: AbsTask) -> dict[str, Any]:
+    """Subset name -> split container of a loaded task (mteb stores "default" flat for most tasks)."""
     data = task.dataset
     subsets = task.hf_subsets or ["default"]
     if subsets == ["default"] and "default" not in data:
-        return [data]
-    return [data[s] for s in subsets if s in data]
+        return {"default": data}
+    return {s: data[s] for s in subsets if s in data}
 
 
 def _pairs_within_text_budget(pairs: Dataset, max_texts: int, rng: np.random.Generator) -> list[int]:
@@ -298,12 +299,14 @@ def limit_task(task: AbsTask, limit: int, seed: int = 42) -> None:
     all 1,225 pairs stays whole, one of distinct sentence pairs keeps about `limit`).
     Classification: `limit` test and `limit` training texts. Retrieval: `limit` queries that have
     relevant documents, their relevant documents and up to 10*limit other documents. Legacy
-    clustering: `limit` texts in total, taken set by set; fast clustering (a flat item table):
-    `limit` items. Works on mteb's own loaded structures, so named hub tasks can be
+    clustering: `limit` texts in total, labels first, so each kept label keeps enough texts that
+    random embeddings stay near V-measure 0 (dsembed.evaluation.clustering_limit); fast clustering
+    (a flat item table): `limit` items. Works on mteb's own loaded structures, so named hub tasks can be
     limited too.
     """
     rng = np.random.default_rng(seed)
-    for box in _containers(task):
+    task.__dict__.pop("_dsembed_chance", None)  # chance.cached_chance_level of the uncut data
+    for box in task_containers(task).values():
         for split in list(box.keys()):
             part = box[split]
             if isinstance(task, AbsTaskRetrieval):
@@ -319,15 +322,10 @@ def limit_task(task: AbsTask, limit: int, seed: int = 42) -> None:
                 box[split] = {**part, "queries": queries, "corpus": part["corpus"].select(rows),
                               "relevant_docs": {q: relevant[q] for q in keep}}
             elif isinstance(task, AbsTaskClusteringLegacy):
-                sentences, labels, left = [], [], limit
-                for row in part:
-                    if left <= 1:
-                        break
-                    chosen = _pick(len(row["sentences"]), left, rng)
-                    sentences.append([row["sentences"][i] for i in chosen])
-                    labels.append([row["labels"][i] for i in chosen])
-                    left -= len(chosen)
-                box[split] = Dataset.from_dict({"sentences": sentences, "labels": labels})
+                sentences, labels = limit_cluster_sets(part[task.input_column_name], part[task.label_column_name],
+                                                       limit, rng)
+                box[split] = Dataset.from_dict({task.input_column_name: sentences,
+                                                task.label_column_name: labels})
             elif isinstance(task, AbsTaskSTS) and isinstance(part, Dataset):
                 box[split] = part.select(_pairs_within_text_budget(part, 2 * limit, rng))
             elif isinstance(part, Dataset):

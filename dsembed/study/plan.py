@@ -6,6 +6,8 @@ Nothing is trained or evaluated. The plan
   (seconds in all): a training step is one forward + backward of a real micro-batch of the recipe's
   data (x 1.5 with cached steps, which embed the batch once more without a graph), an evaluation is
   the tokens of every task at the study's limits divided by the model's measured encode throughput;
+- prints each task's chance level at the study's limits and names the tasks that carry no
+  information there by construction (evaluation.chance), before anything is trained;
 - gives per category the number of datasets, the smallest two-sided p a Wilcoxon signed-rank test
   over them can reach (2 / 2^n, every sign the same), and whether the study's Holm family can reach
   p < alpha at all (Holm rejects nothing unless the smallest p times the family size is below alpha).
@@ -19,36 +21,10 @@ from typing import Any, Callable
 
 from dsembed.config import Recipe, load_recipe
 from dsembed.evaluation.presets import CATEGORIES
+from dsembed.evaluation.statistics import power_table
 from dsembed.study.runner import BASE_NAME, StudyConfig, StudyRunner, _overrides, _recipe_path, holm_family, training_runs
 
 CACHED_STEP_FACTOR = 1.5  # GradCache: a no-graph forward of the batch before the forward + backward
-
-
-def smallest_wilcoxon_p(n: int) -> float:
-    """The smallest two-sided p of an exact Wilcoxon signed-rank test over n paired datasets."""
-    return 1.0 if n < 1 else min(1.0, 2.0 / 2 ** n)
-
-
-def power_table(datasets_per_category: dict[str, int], family: str, n_tested: int,
-                alpha: float = 0.05) -> list[dict[str, Any]]:
-    """Per category: n datasets, the smallest Wilcoxon p, and whether it can go below alpha at all.
-
-    The best case of the study's Holm family: every test at the smallest p its category allows.
-    "all" holds n_tested x categories tests, "per_variant" one test per category (for each variant),
-    "none" leaves the p-values uncorrected. A category that cannot reach alpha even then cannot reach
-    it with any data.
-    """
-    from dsembed.evaluation.statistics import holm
-
-    categories = list(datasets_per_category)
-    smallest = [smallest_wilcoxon_p(datasets_per_category[c]) for c in categories]
-    copies = n_tested if family == "all" else 1
-    best = smallest * copies if family != "none" else smallest
-    adjusted = holm(best, alpha)[:len(categories)] if family != "none" else best
-    size = {"none": 1, "all": copies * len(categories), "per_variant": len(categories)}[family]
-    return [{"category": c, "n": datasets_per_category[c], "min_p": p, "best_p_after_correction": a,
-             "family_size": size, "reachable": a < alpha}
-            for c, p, a in zip(categories, smallest, adjusted)]
 
 
 @dataclass
@@ -106,10 +82,10 @@ def _task_texts(task: Any) -> list[str]:
     """The distinct texts an evaluation of this loaded (and limited) task embeds."""
     from mteb.abstasks import AbsTaskClassification, AbsTaskClusteringLegacy, AbsTaskRetrieval, AbsTaskSTS
 
-    from dsembed.evaluation.tasks import _containers
+    from dsembed.evaluation.tasks import task_containers
 
     texts: list[str] = []
-    for box in _containers(task):
+    for box in task_containers(task).values():
         for part in box.values():
             if isinstance(task, AbsTaskRetrieval):
                 texts += list(part["queries"]["text"]) + [f"{t} {x}".strip() for t, x in
@@ -134,6 +110,7 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     Returns:
         {"stages": [{"stage", "finished", "estimate_s"}], "total_s", "power": [...], "tasks": {...}}
     """
+    from dsembed.evaluation.chance import chance_plan, format_chance_plan
     from dsembed.evaluation.run import category_of, named_tasks, prepare_tasks
     from dsembed.evaluation.tasks import load_local_tasks
 
@@ -141,6 +118,7 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     arguments = runner.tasks_arguments()
     tasks = load_local_tasks(arguments[1]) if arguments[0] == "--tasks-dir" else named_tasks(arguments[1:])
     prepare_tasks(tasks, study.eval_limit, task_limits=dict(study.eval_limits))
+    chance = chance_plan(tasks)
     texts = {t.metadata.name: _task_texts(t) for t in tasks}
     by_category = {c: sum(1 for t in tasks if category_of(t) == c) for c in CATEGORIES}
     by_category = {c: n for c, n in by_category.items() if n}
@@ -191,5 +169,7 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
         log(f"  {row['category']:<15} n = {row['n']:<3} smallest p = {row['min_p']:.4g}  "
             f"best case after correction {row['best_p_after_correction']:.4g}: "
             f"{'can' if row['reachable'] else 'CANNOT'} reach p < {alpha}")
-    return {"stages": rows, "total_s": total, "power": power, "family": family,
+    log("Chance level of each task at the study's limits (x100):")
+    log(format_chance_plan(chance))
+    return {"stages": rows, "total_s": total, "power": power, "family": family, "chance": chance,
             "tasks": {name: {"texts": len(texts[name]), "tokens": tokens.get(name, 0)} for name in texts}}

@@ -160,3 +160,26 @@ def test_bad_evaluation_options_are_one_line_exit_2(model_dir, task_root, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "out.tasks").exists()
+
+
+def test_tasks_finished_before_chance_levels_get_them_when_resumed(model_dir, task_root, tmp_path):
+    output = tmp_path / "r.json"
+    assert _evaluate_in_process(model_dir, task_root, output) == 0
+    first = json.loads(output.read_text())
+    store = tmp_path / "r.tasks"
+    for file in store.glob("Tiny*.json"):  # as a dsembed without chance levels wrote them
+        record = json.loads(file.read_text())
+        del record["entry"]["chance"]
+        for scores in record["mteb_task_result"]["scores"]["test"]:
+            del scores["dsembed_chance"]
+        file.write_text(json.dumps(record))
+    assert _evaluate_in_process(model_dir, task_root, output) == 0
+    again = json.loads(output.read_text())
+    assert again["encoding"]["finished_earlier"] == sorted(TASKS)  # nothing scored again
+    for name in TASKS:
+        assert again["tasks"][name]["main_score"] == first["tasks"][name]["main_score"]
+        assert again["tasks"][name]["chance"] == first["tasks"][name]["chance"], name
+        stored = json.loads((store / f"{name}.json").read_text())
+        assert stored["entry"]["chance"] == first["tasks"][name]["chance"]
+        assert stored["mteb_task_result"]["scores"]["test"][0]["dsembed_chance"]["score"] == pytest.approx(
+            first["tasks"][name]["chance"]["score"])

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dsembed.evaluation.run import category_means
 from dsembed.evaluation.statistics import item_score
@@ -127,8 +128,96 @@ def test_ablation_answers_with_a_reference_row_outside_the_holm_family(tmp_path)
     assert not (tmp_path / "x").exists()
 
 
+_CHANCE = {"sts": {"score": 0.0}, "retrieval": {"score": 0.05},
+           "classification": {"score": 0.25, "random_embeddings": 0.2}, "clustering": {"score": 0.02}}
+
+
+def _with_chance(results: dict, row: int) -> dict:
+    """Chance records on every task, plus ClsChance (every row near chance) and ClsTied (all tied)."""
+    for entry in results["tasks"].values():
+        entry["chance"] = dict(_CHANCE[entry["category"]], method="test")
+    hits = [19, 20, 22][row]  # of 80: 0.24-0.28, all within a bootstrap interval of 0.25
+    for name, correct in (("ClsChance", [1.0] * hits + [0.0] * (80 - hits)), ("ClsTied", [1.0, 0.0] * 40)):
+        items = {"default": {"gold": ["x"] * 80, "correct": correct}}
+        score = item_score("classification", items)
+        results["tasks"][name] = {"category": "classification", "main_metric": "accuracy", "main_score": score,
+                                  "items_score": score, "items": items,
+                                  "chance": dict(_CHANCE["classification"], method="test")}
+    results["categories"] = category_means(results["tasks"])
+    return results
+
+
+def _chance_study(tmp_path) -> list[str]:
+    paths = []
+    for row, (name, quality) in enumerate((("a", 0.3), ("b", 0.9), ("base", 0.0))):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(_with_chance(_fake_results(name, quality, seed=row + 1), row)))
+    return paths
+
+
+def test_compare_flags_datasets_without_information_and_reports_both_views(tmp_path):
+    paths = _chance_study(tmp_path)
+    out = tmp_path / "r"
+    assert main([*paths, "--baseline", "a", "--reference", "base", "--output", str(out), "--resamples", "200"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison["flagged"]) == {"ClsChance", "ClsTied"}
+    assert comparison["flagged"]["ClsTied"] == "every row scores 50.00 (all 3 tied)"
+    assert "bootstrap interval contains chance (25.00 or 20.00)" in comparison["flagged"]["ClsChance"]
+    assert comparison["datasets"]["Cls0"]["flag"] is None and comparison["datasets"]["STS0"]["flag"] is None
+    assert comparison["headline"] == "all"
+    assert comparison["categories"]["classification"]["tasks"] == ["Cls0", "Cls1", "ClsChance", "ClsTied"]
+    informative = comparison["categories_informative"]["classification"]
+    assert informative["tasks"] == ["Cls0", "Cls1"]
+    assert informative["means"]["b"] == pytest.approx(np.mean([comparison["datasets"][n]["scores"]["b"]
+                                                               for n in ("Cls0", "Cls1")]))
+    report = (out / "report.md").read_text()
+    assert "The means and tests use all datasets, including the 2 flagged" in report
+    assert "### The same without flagged datasets" in report
+    assert "| ClsTied † | classification | 25.00 | 50.00 |" in report
+    assert "| STS0 | sts | 0.00 |" in report
+    assert "- † ClsChance (classification): every row's 95% bootstrap interval contains chance" in report
+    answer = next(line for line in report.splitlines() if line.startswith("- b vs a, classification:"))
+    assert "(mean over 4 datasets)" in answer and "; without flagged datasets (2): " in answer
+    sts_answer = next(line for line in report.splitlines() if line.startswith("- b vs a, sts:"))
+    assert "without flagged" not in sts_answer  # no STS dataset is flagged
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    tied = [r for r in rows if r["dataset"] == "ClsTied"]
+    assert {r["chance"] for r in tied} == {"0.25"} and all(r["flag"].startswith("every row") for r in tied)
+
+
+def test_compare_headline_informative_leads_with_the_datasets_that_carry_information(tmp_path):
+    paths = _chance_study(tmp_path)
+    out = tmp_path / "r"
+    assert main([*paths, "--baseline", "a", "--reference", "base", "--output", str(out), "--resamples", "200",
+                 "--headline", "informative", "--holm"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["headline"] == "informative"
+    assert comparison["n_tests_informative"] == comparison["n_tests"] == 4  # one tested variant x 4 categories
+    report = (out / "report.md").read_text()
+    first_table = report.split("### The same with all datasets")[0]
+    assert "classification (2)" in first_table and "classification (4)" not in first_table
+    assert "The means and tests leave out the 2 dataset(s) flagged" in report
+    answer = next(line for line in report.splitlines() if line.startswith("- b vs a, classification:"))
+    assert "(mean over 2 datasets)" in answer and "; with all datasets (4): " in answer
+
+
+def test_results_without_chance_levels_still_compare(tmp_path):
+    paths = []
+    for name, quality in (("old", 0.3), ("new", 0.9)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_fake_results(name, quality, seed=len(paths))))  # no "chance" keys
+    out = tmp_path / "r"
+    assert main([*map(str, paths), "--baseline", "old", "--output", str(out), "--resamples", "50"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["datasets"]["STS0"]["chance"] is None and comparison["flagged"] == {}
+    report = (out / "report.md").read_text()
+    assert "| STS0 | sts | - |" in report
+    assert "No dataset is flagged" in report
+
+
 def test_holm_families_all_and_per_variant_differ_and_the_report_names_them():
-    from dsembed.evaluation.report import compare, markdown
+    from dsembed.evaluation.comparison import compare
+    from dsembed.evaluation.report import markdown
     from dsembed.evaluation.statistics import holm
 
     variants = {"model1": _fake_results("model1", 0.3, seed=1), "model2": _fake_results("model2", 0.9, seed=2),
@@ -141,11 +230,63 @@ def test_holm_families_all_and_per_variant_differ_and_the_report_names_them():
     for v in ("model2", "model3"):
         raw = [per["categories"][c]["tests"][v]["pvalue"] for c in cats]
         assert [per["categories"][c]["tests"][v]["p_holm"] for c in cats] == holm(raw)
-    all_raw = [every["categories"][c]["tests"][v]["pvalue"] for c in cats for v in ("model2", "model3")]
-    assert [every["categories"][c]["tests"][v]["p_holm"] for c in cats for v in ("model2", "model3")] == holm(all_raw)
+    pairs = [(c, v) for c in cats for v in ("model2", "model3")]
+    all_raw = [every["categories"][c]["tests"][v]["pvalue"] for c, v in pairs]
+    assert [every["categories"][c]["tests"][v]["p_holm"] for c, v in pairs] == holm(all_raw)
     assert all(t["p_holm"] is None for c in cats for t in none["categories"][c]["tests"].values())
     text = markdown(per)
     assert "Holm per variant over its 4 category tests" in text and "after Holm over model2's 4 tests" in text
     sts = per["categories"]["sts"]["tests"]["model2"]
     assert f"{sts['pvalue']:.3g} / {sts['p_holm']:.3g}" in text  # the paper's uncorrected p stays beside Holm's
-    assert "no correction" in markdown(none)
+    assert "none (the paper's uncorrected Wilcoxon)" in markdown(none)
+    # the first paragraph says what the datasets can decide: 6 STS datasets -> 2/64, 1 clustering -> 1.0
+    assert text.index("Power:") < text.index("Category means")
+    power = {r["category"]: r for r in per["power"]}
+    assert power["sts"]["min_p"] == 2 / 2 ** 6 and not power["clustering"]["reachable"]
+
+
+def _with_seed(results: dict, seed: int) -> dict:
+    results["model"]["train_seed"] = seed
+    return results
+
+
+def test_seeds_of_a_variant_are_averaged_per_dataset_before_the_tests(tmp_path):
+    from dsembed.evaluation.comparison import compare, load_results
+    from dsembed.evaluation.report import markdown
+    from dsembed.evaluation.statistics import paired_bootstrap, wilcoxon_test
+
+    files = []
+    for name, quality, seed in (("model1", 0.3, 0), ("model5", 0.8, 0), ("model5", 0.5, 1), ("model1", 0.35, 1)):
+        files.append(tmp_path / f"{name}-s{seed}.json")
+        files[-1].write_text(json.dumps(_with_seed(_fake_results(name, quality, seed=10 + len(files)), seed)))
+    variants = load_results(files)
+    assert list(variants) == ["model1", "model5"] and variants["model5"]["seeds"] == [0, 1]
+    runs = [json.loads(f.read_text()) for f in files]
+    sts0 = variants["model5"]["tasks"]["STS0"]
+    assert sts0["main_score"] == pytest.approx((runs[1]["tasks"]["STS0"]["main_score"] + runs[2]["tasks"]["STS0"]["main_score"]) / 2)
+    comparison = compare(variants, "model1", n_resamples=50)
+    sts = comparison["categories"]["sts"]
+    names = sts["tasks"]
+    expected = wilcoxon_test({n: variants["model1"]["tasks"][n]["main_score"] for n in names},
+                             {n: variants["model5"]["tasks"][n]["main_score"] for n in names})
+    assert sts["tests"]["model5"]["pvalue"] == pytest.approx(expected.pvalue)
+    seeds = sts["seeds"]["model5"]
+    per_seed = [np.mean([r["tasks"][n]["main_score"] for n in names]) for r in (runs[1], runs[2])]
+    assert seeds["per_seed"] == pytest.approx(per_seed) and seeds["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert seeds["seed_to_seed"] == pytest.approx(abs(per_seed[0] - per_seed[1]))
+    boot = comparison["datasets"]["STS0"]["bootstrap"]["model5"]
+    both = paired_bootstrap("sts", [runs[0]["tasks"]["STS0"]["items"], runs[3]["tasks"]["STS0"]["items"]],
+                            [runs[1]["tasks"]["STS0"]["items"], runs[2]["tasks"]["STS0"]["items"]], n_resamples=50)
+    assert boot["difference"] == pytest.approx(both.difference) and boot["low"] == pytest.approx(both.low)
+    assert boot["difference"] == pytest.approx(sts0["main_score"] - variants["model1"]["tasks"]["STS0"]["main_score"])
+    text = markdown(comparison)
+    assert "± " in text and "seed-to-seed" in text and "| model5 | 0, 1 |" in text
+
+
+def test_a_repeated_seed_is_not_averaged(tmp_path):
+    from dsembed.evaluation.comparison import load_results
+
+    for i in range(2):
+        (tmp_path / f"m{i}.json").write_text(json.dumps(_with_seed(_fake_results("model1", 0.3, seed=i), 0)))
+    variants = load_results([tmp_path / "m0.json", tmp_path / "m1.json"])
+    assert list(variants) == ["model1", "m1"] and "seeds" not in variants["model1"]

@@ -278,3 +278,33 @@ def test_texts_shared_between_tasks_are_embedded_once(task_root, tmp_path):
             assert results["encoding"]["reused"] == 0
             without_cache = embedded
     assert scores[0] == scores[1 << 20]
+
+
+def test_results_carry_the_chance_level_in_json_table_and_mteb_files(task_root, tmp_path):
+    import mteb
+
+    from dsembed.evaluation import resume
+    from dsembed.evaluation.encoder import MtebEncoder
+    from dsembed.evaluation.report import format_results_table
+
+    tasks = load_local_tasks(task_root)
+    run.prepare_tasks(tasks)
+    mteb_results = {}
+    results = run.evaluate_tasks(HashEncoder(), tasks, model_name="hash", log=lambda _: None,
+                                 on_task=lambda task, entry, result: mteb_results.update({task.metadata.name: result}))
+    chance = {name: entry["chance"] for name, entry in results["tasks"].items()}
+    assert chance["TinySTS"]["score"] == 0.0 and chance["TinyClassification"]["score"] == 0.25
+    assert 0.0 < chance["TinyRetrieval"]["score"] < results["tasks"]["TinyRetrieval"]["main_score"]
+    assert all(record["method"] for record in chance.values())
+    table = format_results_table(results)
+    assert "chance" in table.splitlines()[0]
+    row = next(line.split() for line in table.splitlines() if "TinyClassification" in line)
+    assert row[-1] == "25.00"  # score, then chance x100
+    # mteb's TaskResult keeps it as an extra field of each subset's scores, through its own loader
+    encoder = MtebEncoder(HashEncoder(), {}, name="hash", revision="abc")
+    for name, result in mteb_results.items():
+        back = mteb.TaskResult.from_disk(resume.save_mteb_result(tmp_path, result, encoder, 32))
+        extra = back.scores["test"][0]["dsembed_chance"]
+        assert extra["score"] == pytest.approx(chance[name]["score"], abs=1e-6), name
+        assert extra["method"] == chance[name]["method"]
+        assert back.get_score() == pytest.approx(results["tasks"][name]["main_score"], abs=1e-6)

@@ -95,3 +95,18 @@ def test_bootstrap_clustering_resamples_items_within_sets():
     with pytest.raises(ValueError, match="differ in number"):
         short = {"default": {"sets": [{"labels": ["a"], "clusters": [0]}]}}
         st.paired_bootstrap("clustering", perfect, short)
+
+
+def test_score_interval_of_one_result_is_the_binomial_interval_and_is_seeded():
+    rng = np.random.default_rng(3)
+    correct = (rng.random(400) < 0.3).astype(float).tolist()
+    items = {"default": {"gold": ["x"] * 400, "correct": correct}}
+    score, low, high = st.score_interval("classification", items, n_resamples=2000, seed=1)
+    assert score == pytest.approx(np.mean(correct))
+    half = 1.96 * np.sqrt(score * (1 - score) / 400)  # normal approximation of the binomial interval
+    assert low == pytest.approx(score - half, abs=0.01) and high == pytest.approx(score + half, abs=0.01)
+    assert st.score_interval("classification", items, n_resamples=2000, seed=1) == (score, low, high)
+    perfect = {"default": {"gold": ["x"] * 10, "correct": [1.0] * 10}}
+    assert st.score_interval("classification", perfect, n_resamples=50) == (1.0, 1.0, 1.0)
+    sets = {"default": {"sets": [{"labels": list("aabb" * 10), "clusters": [0, 0, 1, 1] * 10}]}}
+    assert st.score_interval("clustering", sets, n_resamples=50) == (1.0, 1.0, 1.0)

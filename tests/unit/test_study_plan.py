@@ -6,7 +6,7 @@ import re
 import pytest
 
 from dsembed.errors import RecipeError
-from dsembed.study.plan import power_table, smallest_wilcoxon_p
+from dsembed.evaluation.statistics import power_table, smallest_wilcoxon_p
 from dsembed.study.runner import StudyRunner, holm_family, load_study, training_runs
 
 from tests.unit.test_study_files import write
@@ -76,3 +76,21 @@ def test_power_table_best_case_holm():
     assert not any(r["reachable"] for r in every) and every[0]["family_size"] == 16
     small = {r["category"]: r for r in power_table({"sts": 6, "retrieval": 3}, "none", n_tested=5)}
     assert small["sts"]["reachable"] and not small["retrieval"]["reachable"]  # n = 3: p >= 0.25
+
+
+def test_plan_times_each_recipe_and_prints_stages_power_and_chance_without_running_anything(tmp_path, task_root, capsys):
+    from dsembed.cli.study import main
+
+    path = write(tmp_path, f"name: x\noutput_dir: {tmp_path / 'out'}\nvariants: {{a: r.yaml}}\n"
+                           f"tasks_dir: {task_root}\nseeds: [0, 1]\nholm: per_variant\n")
+    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 2, hidden_size: 32, "
+                                     "intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 300}\n"
+                                     "  tokenizer: bytes\n  max_length: 32\ndata:\n  train: ['synthetic:16']\n"
+                                     "train:\n  micro_batch_size: 4\n  max_steps: 10\n")
+    assert main([str(path), "--plan"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("train a-s0", "train a-s1", "export a-s1", "evaluate a-s0", "evaluate base"):
+        assert re.search(rf"^  {stage} +\d", out, re.M), stage
+    assert "Power: Wilcoxon" in out and "n = 1" in out and "CANNOT reach p < 0.05" in out
+    assert "TinyClustering" in out and "carry no information" in out  # the chance plan of every task
+    assert not (tmp_path / "out").exists()  # nothing trained, evaluated or written
