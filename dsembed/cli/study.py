@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(replaces the study's launcher_args)")
     args = parser.parse_args(argv)
     hostfile = str(Path(args.hostfile).resolve()) if args.hostfile else None  # relative to the working directory
-    study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg},
+    study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg,
+                                          "output_dir": args.output_dir},
                              args.override, args.tasks_dir)
     report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale).run()
     print(f"[study {study.name}] report: {report}/report.md", flush=True)
