@@ -27,7 +27,7 @@ from torch import nn
 
 from dsembed.config import ModelConfig
 from dsembed.errors import RecipeError
-from dsembed.modeling.files import LOCAL_FIX, check_model_files, hub_fix, reading
+from dsembed.modeling.files import GGUF_FIX, LOCAL_FIX, check_model_files, hub_fix, reading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_PATHS = ("layers", "h", "decoder.layers", "model.layers", "transformer.h")
@@ -180,7 +180,7 @@ def convert_gguf(gguf: Path, prefix: str) -> Path:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     try:
         # a conversion must hold whole tensors, never ZeRO-3 partitions
-        with _zero3_disabled(), reading(gguf, "the GGUF file is damaged or truncated: download or copy it again"):
+        with _zero3_disabled(), reading(gguf, GGUF_FIX):
             model = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # save_pretrained refuses a GGUF-quantised model; the weights are already dequantised.

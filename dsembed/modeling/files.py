@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,13 +21,16 @@ import torch
 
 from dsembed.errors import CheckpointError, UserError
 
-EXPORTED_FIX = "the file is damaged or truncated: copy the model folder again or re-export it with dsembed-consolidate"
-LOCAL_FIX = "the file is damaged or truncated: copy or download the model folder again"
+EXPORTED_FIX = "copy the model folder again or re-export it with dsembed-consolidate"
+LOCAL_FIX = "copy or download the model folder again"
+GGUF_FIX = "download or copy the GGUF file again"
+# libraries whose own exception types mean "this file cannot be parsed" (tokenizers raises plain Exception)
+_PARSER_MODULES = {"safetensors", "tokenizers", "yaml", "gguf", "google", "sentencepiece", "struct"}
 
 
 def hub_fix(repo_id: str) -> str:
     """The fix for a damaged file in the Hugging Face cache."""
-    return f"the cached download is damaged: remove it (hf cache rm model/{repo_id}) and load the model again with network"
+    return f"remove the cached download (hf cache rm model/{repo_id}) and load the model again with network"
 
 
 def _first_line(err: BaseException) -> str:
@@ -39,7 +44,7 @@ def check_json(path: Path, fix: str) -> None:
     try:
         json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: not valid JSON, damaged or truncated ({_first_line(err)}); {fix}") from None
+        raise CheckpointError(f"{path}: not valid JSON: damaged or truncated ({_first_line(err)}); {fix}") from None
     except OSError as err:
         raise CheckpointError(f"{path}: cannot be read ({_first_line(err)}); {fix}") from None
 
@@ -92,16 +97,28 @@ def check_exported_files(folder: Path) -> None:
         check_model_files(sub, EXPORTED_FIX)
 
 
+def _unreadable_file(err: Exception) -> bool:
+    """Whether `err` is how a library reports a file it cannot parse or read (not a bug, not memory)."""
+    if isinstance(err, (UserError, ImportError, MemoryError, torch.OutOfMemoryError)):
+        return False
+    if isinstance(err, (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError)):
+        return True
+    if type(err) is Exception or type(err).__module__.split(".")[0] in _PARSER_MODULES:
+        return True
+    return isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err)  # a damaged *.bin / *.pt
+
+
 @contextlib.contextmanager
 def reading(what: str | Path, fix: str) -> Iterator[None]:
     """Turn a library's failure to read model files into one CheckpointError naming `what`.
 
-    safetensors, tokenizers (Rust), json, pickle and transformers each raise their own types for a
-    damaged file. Running out of memory or a missing package is not a damaged file: passed through.
+    safetensors, tokenizers (Rust), json, yaml, pickle and transformers each raise their own types
+    for a damaged file; other errors (a bug, running out of memory, a missing package) pass through.
     """
     try:
         yield
-    except (UserError, MemoryError, torch.OutOfMemoryError, ImportError):
-        raise
-    except Exception as err:  # noqa: BLE001 - see above
-        raise CheckpointError(f"{what}: cannot be loaded ({type(err).__name__}: {_first_line(err)}); {fix}") from None
+    except Exception as err:  # noqa: BLE001 - filtered by _unreadable_file
+        if not _unreadable_file(err):
+            raise
+        raise CheckpointError(f"{what}: cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
+                              f"if a file there is damaged or truncated: {fix}") from None

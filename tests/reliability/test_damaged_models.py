@@ -100,7 +100,7 @@ def test_damaged_gguf_file(tmp_path, monkeypatch):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 10)  # a header cut short
     recipe = replace_model(make_tiny_recipe(), name_or_path=str(gguf), random_init=None, tokenizer=None)
-    with pytest.raises(CheckpointError, match=rf"^{gguf}: cannot be loaded .*download or copy it again"):
+    with pytest.raises(CheckpointError, match=rf"^{gguf}: cannot be loaded .*download or copy the GGUF file again"):
         build_model(recipe)
     assert not any((tmp_path / "cache").rglob("config.json"))  # no half conversion cached
 
