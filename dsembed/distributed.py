@@ -93,6 +93,15 @@ def ranks_not_sharing(folder: Path) -> list[str]:
     return blind
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` (picklable) from every rank, in rank order; collective. [obj] when not distributed."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0, keeping the autograd graph.
 

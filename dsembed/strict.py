@@ -1,7 +1,8 @@
 """Strict conversion of plain YAML data into frozen dataclasses (recipes, study files).
 
-Unknown keys, wrong types and bad enum values raise `RecipeError` naming the file and the dotted key,
-with a did-you-mean. Used by dsembed.config (recipes) and dsembed.study.runner (study files).
+Unknown keys, wrong types, bad enum values and missing required keys (fields without a default)
+raise `RecipeError` naming the file and the dotted key, with a did-you-mean where one fits. Used by
+dsembed.config (recipes) and dsembed.study.runner (study files).
 """
 from __future__ import annotations
 
@@ -96,7 +97,11 @@ def _unknown_key(where: str, key: str, name: str, known: list[str]) -> RecipeErr
 
 def from_dict(cls: type, data: Any, prefix: str, where: str,
               special: dict[str, Callable[[Any, str], Any]] | None = None) -> Any:
-    """Build dataclass `cls` from `data`; `special` maps a field name to its own builder (tagged unions)."""
+    """Build dataclass `cls` from `data`; `special` maps a field name to its own builder (tagged unions).
+
+    Raises:
+        RecipeError: an unknown key, a wrong type or enum value, or a field without a default left out.
+    """
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: {prefix or 'the recipe'} should be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -110,6 +115,14 @@ def from_dict(cls: type, data: Any, prefix: str, where: str,
             kwargs[name] = special[name](value, where)
         else:
             kwargs[name] = _convert(value, hints[name], key, where)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name in known and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # cls(**kwargs) would raise a TypeError naming the class, not the file and the key
+        keys = [f"{prefix}.{name}" if prefix else name for name in missing]
+        first = missing[0]
+        under = f" under {prefix}" if prefix else ""
+        raise RecipeError(f"{where}: missing required key{'s' if len(keys) > 1 else ''} {', '.join(keys)} "
+                          f"(add {first}: <{_type_name(hints[first])}>{under}{' and the others' if len(keys) > 1 else ''})")
     return cls(**kwargs)
 
 

@@ -195,6 +195,10 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     recipe_path = Path(args.base) if args.base else Path(args.model_dir) / "recipe.yaml"
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise UserError(f"model folder {args.model_dir} does not exist")
+    if args.model_dir:  # a damaged file is named now, before tasks load and before other ranks start
+        from dsembed.modeling.files import check_exported_files
+
+        check_exported_files(Path(args.model_dir))
     if args.override and not args.base:
         raise UserError("--override applies to --base RECIPE.yaml only")
     results_dir = Path(args.results_dir) if args.results_dir else None

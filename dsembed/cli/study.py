@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                              "train and evaluate nothing")
     args = parser.parse_args(argv)
     hostfile = str(Path(args.hostfile).resolve()) if args.hostfile else None  # relative to the working directory
-    study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg},
+    study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg,
+                                          "output_dir": args.output_dir},
                              args.override, args.tasks_dir)
     if args.plan:
         from dsembed.study.plan import plan

@@ -27,12 +27,10 @@ import json
 import os
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
 from dsembed.config import recipe_from_dict
@@ -41,8 +39,6 @@ from dsembed.export.model_card import model_card
 from dsembed.export.st_files import sentence_transformers_prompts, write_sentence_transformers_files  # noqa: F401 - public here too
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_MODEL_STATES = re.compile(r"^(zero_pp_rank_(\d+)_)?mp_rank_00_model_states\.pt$")
-_OPTIM_STATES = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 @dataclass
@@ -103,42 +99,24 @@ def resolve_checkpoint(source: str | Path, step: int | None = None) -> tuple[Pat
     return folder, tag
 
 
-def _readable(path: Path) -> None:
-    # torch checkpoints are zip archives whose directory sits at the end: a truncated file fails here
-    try:
-        with zipfile.ZipFile(path) as archive:
-            archive.namelist()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({err}); export another step with --step N") from None
-
-
 def check_checkpoint(folder: Path, tag: str) -> dict[str, Any]:
-    """Verify that every rank's shards are present and readable; return the client state.
+    """Verify that every rank's shards are present and whole (zip directory and CRC-32 of every
+    member, dsembed.training.checkpoint_files); return the client state.
 
     Returns:
         The saved client state (step, world_size, recipe YAML, ...), read memory-mapped.
 
     Raises:
-        CheckpointError: missing or truncated shards, or no recipe in the checkpoint.
+        CheckpointError: a missing, truncated or damaged shard (named), or no recipe in the checkpoint.
     """
+    from dsembed.training.checkpoint_files import checkpoint_problems
+
     ckpt = folder / tag
-    names = [p.name for p in ckpt.iterdir()]
-    models = sorted(n for n in names if _MODEL_STATES.match(n))
-    optims = sorted(n for n in names if _OPTIM_STATES.match(n))
-    if not models:
-        raise CheckpointError(f"{ckpt}: no *model_states.pt file (not a DeepSpeed checkpoint, or an incomplete copy)")
-    for name in models + optims:
-        _readable(ckpt / name)
-    try:
-        state = torch.load(ckpt / models[0], map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"{ckpt / models[0]}: cannot be read ({type(err).__name__}: {err})") from None
-    world = int(state.get("world_size") or state.get("dp_world_size") or 1)
-    stage3 = models[0].startswith("zero_pp_rank_")
-    if stage3 and len(models) != world:
-        raise CheckpointError(f"{ckpt}: {len(models)} of {world} model-state shards present (the copy is incomplete)")
-    if len(optims) != world:
-        raise CheckpointError(f"{ckpt}: {len(optims)} of {world} optimizer-state shards present (the copy is incomplete)")
+    problems, state = checkpoint_problems(ckpt, rng=False)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(f"{ckpt}: {problems[0]}{more}; nothing was written: restore the shard from a good copy, "
+                              "or export another step with --step N")
     if not isinstance(state.get("recipe"), str):
         raise CheckpointError(f"{ckpt}: no recipe in the checkpoint's client state (not written by dsembed-train)")
     return {k: state[k] for k in ("step", "world_size", "recipe") if k in state}
@@ -180,7 +158,6 @@ def load_from_checkpoint(folder: Path, tag: str, client_state: dict[str, Any] | 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise UserError(f"{out_dir}: already exists and is not empty (choose another folder or pass --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
@@ -241,6 +218,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, keep_adapter: boo
     if keep_adapter and not is_peft:
         say("note: --keep-adapter ignored: the recipe trained without LoRA (lora.enabled: false)")
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failure writes nothing
         model.save(tmp, merge_lora=not keep_adapter)
         summary.form = write_sentence_transformers_files(tmp, model, keep_adapter and is_peft)
         summary.backbone_dtype = json.loads((tmp / "dsembed.json").read_text(encoding="utf-8"))["backbone_dtype"]

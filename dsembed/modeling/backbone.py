@@ -27,6 +27,7 @@ from torch import nn
 
 from dsembed.config import ModelConfig
 from dsembed.errors import RecipeError
+from dsembed.modeling.files import GGUF_FIX, LOCAL_FIX, check_model_files, hub_fix, reading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_PATHS = ("layers", "h", "decoder.layers", "model.layers", "transformer.h")
@@ -55,6 +56,7 @@ def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None,
 
     Raises:
         RecipeError: no usable source, a missing package / file, or flash-attn not installed.
+        CheckpointError: a damaged or truncated file in the model or tokenizer folder (named).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -83,14 +85,44 @@ def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None,
     if not model_cfg.name_or_path:
         raise RecipeError("model: give model.name_or_path or model.random_init")
     folder = resolve_source(model_cfg, base_dir)
-    try:
-        model = AutoModel.from_pretrained(
-            folder, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
-    except OSError as err:
-        raise RecipeError(f"model.name_or_path = {model_cfg.name_or_path!r} could not be loaded: "
-                          f"{str(err).splitlines()[0]} (check the path / hub id, or the network)") from None
+    fix = check_source_files(folder, model_cfg.revision)
+    with reading(folder, fix):
+        try:
+            model = AutoModel.from_pretrained(
+                folder, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        except OSError as err:
+            raise RecipeError(f"model.name_or_path = {model_cfg.name_or_path!r} could not be loaded: "
+                              f"{str(err).splitlines()[0]} (check the path / hub id, or the network)") from None
     tokenizer = _load_tokenizer(model_cfg, folder, base_dir)
     return model, tokenizer
+
+
+def check_source_files(source: str, revision: str | None = None) -> str:
+    """Check the files of a local model folder, a converted GGUF or a cached hub download before loading.
+
+    Returns:
+        The fix a damaged file's message gives (also for errors found while loading).
+
+    Raises:
+        CheckpointError: a damaged or truncated config, tokenizer or weights file, by name.
+    """
+    path = Path(source)
+    if path.is_dir():
+        cache = cache_root().resolve()
+        converted = path.resolve() == cache or cache in path.resolve().parents
+        fix = f"delete {path} so dsembed converts the GGUF again" if converted else LOCAL_FIX
+        check_model_files(path, fix)
+        return fix
+    fix = hub_fix(source)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - not a hub id (a typo'd path): from_pretrained says so
+        cached = None
+    if isinstance(cached, str):
+        check_model_files(Path(cached).parent, fix)
+    return fix
 
 
 def resolve_source(model_cfg: ModelConfig, base_dir: Path | None = None) -> str:
@@ -147,7 +179,8 @@ def convert_gguf(gguf: Path, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}.", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     try:
-        with _zero3_disabled():  # a conversion must hold whole tensors, never ZeRO-3 partitions
+        # a conversion must hold whole tensors, never ZeRO-3 partitions
+        with _zero3_disabled(), reading(gguf, GGUF_FIX):
             model = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # save_pretrained refuses a GGUF-quantised model; the weights are already dequantised.
@@ -196,11 +229,13 @@ def _load_tokenizer(model_cfg: ModelConfig, folder: str | None, base_dir: Path |
         local = Path(source).expanduser()
         if not local.is_absolute() and base_dir is not None and (Path(base_dir) / local).exists():
             source = str(Path(base_dir) / local)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
-        except OSError as err:
-            raise RecipeError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
+        fix = check_source_files(source, model_cfg.revision)
+        with reading(source, fix):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+            except OSError as err:
+                raise RecipeError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # pads are masked out; any id will do
     tokenizer.padding_side = model_cfg.padding_side

@@ -3,7 +3,8 @@
 Saved folder (the root is a plain transformers model folder, so `AutoModel.from_pretrained(folder)`
 and sentence-transformers' own Transformer module load the backbone without dsembed):
     recipe.yaml         the resolved recipe the model was built from
-    dsembed.json        format version, pooling type, dim, base model, tapped layers, LoRA state, backbone dtype
+    dsembed.json        format version, pooling type, dim, base model, tapped layers, LoRA state, backbone
+                        dtype, the SHA-256 of recipe.yaml (checked at load: a truncated YAML still parses)
     config.json, model*.safetensors   transformers save_pretrained of the backbone (LoRA merged in,
                         unless merge_lora=False); config.is_causal records the attention mode
     tokenizer files     the tokenizer (at the root too)
@@ -20,6 +21,7 @@ Shapes: B batch, T tokens, D hidden size.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -35,6 +37,7 @@ from dsembed.recipe_rules import resolve_layers
 from dsembed.errors import CheckpointError, RecipeError
 from dsembed.instructions import format_query
 from dsembed.modeling.attention import set_attention_mode
+from dsembed.modeling.files import EXPORTED_FIX, check_exported_files, reading
 from dsembed.modeling.backbone import DTYPES, available_attn_implementation, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
 from dsembed.modeling.pooling import Pooler, build_pooler
@@ -224,7 +227,8 @@ class EmbeddingModel(nn.Module):
         pooler_state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
         save_file(pooler_state, str(out / "pooler.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(out)
-        (out / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
+        recipe_text = self.recipe.to_yaml()
+        (out / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         meta = {
             "format_version": FORMAT_VERSION,
             "pooling": self.recipe.pooling.type,
@@ -236,6 +240,8 @@ class EmbeddingModel(nn.Module):
             "base_model": self.recipe.model.name_or_path or "random_init",
             "lora": lora_state,
             "backbone_dtype": DTYPE_NAMES[saved_dtype],
+            # a truncated recipe.yaml often still parses (missing sections would take defaults): load checks this
+            "recipe_sha256": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest(),
         }
         (out / "dsembed.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return out
@@ -245,7 +251,8 @@ class EmbeddingModel(nn.Module):
         """Load a folder written by `save`, in eval mode on `device`.
 
         Raises:
-            CheckpointError: a missing or incomplete folder, or an unknown format version.
+            CheckpointError: a missing, incomplete or damaged folder (a truncated weights, tokenizer or
+                config file is named), or an unknown format version.
         """
         from safetensors.torch import load_file
         from transformers import AutoModel
@@ -254,28 +261,41 @@ class EmbeddingModel(nn.Module):
         meta_path = src / "dsembed.json"
         if not meta_path.is_file():
             raise CheckpointError(f"{src}: not a dsembed model folder (no dsembed.json; save with EmbeddingModel.save)")
+        check_exported_files(src)  # a damaged JSON / safetensors file is named before any library reads it
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION} (re-export with this dsembed)")
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path}: format_version {version} is not {FORMAT_VERSION} (re-export with this dsembed)")
         nested = (src / "backbone").is_dir()  # the layout before the root became a transformers folder
         backbone_dir, tokenizer_dir = (src / "backbone", src / "tokenizer") if nested else (src, src)
         for part in (src / "recipe.yaml", backbone_dir / "config.json", tokenizer_dir, src / "pooler.safetensors"):
             if not part.exists():
                 raise CheckpointError(f"{src}: {part.relative_to(src)} is missing (the folder is incomplete; save it again)")
-        recipe = recipe_from_dict(yaml.safe_load((src / "recipe.yaml").read_text(encoding="utf-8")), str(src / "recipe.yaml"))
+        with reading(src / "recipe.yaml", EXPORTED_FIX):
+            recipe_text = (src / "recipe.yaml").read_text(encoding="utf-8")
+            if meta.get("recipe_sha256") not in (None, hashlib.sha256(recipe_text.encode("utf-8")).hexdigest()):
+                raise CheckpointError(f"{src / 'recipe.yaml'}: does not match the checksum dsembed.json records "
+                                      f"(damaged, truncated or edited); {EXPORTED_FIX}")
+            recipe_data = yaml.safe_load(recipe_text)
+        try:
+            recipe = recipe_from_dict(recipe_data, str(src / "recipe.yaml"))
+        except RecipeError as err:
+            raise CheckpointError(f"{err} (a damaged recipe.yaml, or one from another dsembed version: copy the model "
+                                  "folder again or re-export it with dsembed-consolidate)") from None
         dtype = DTYPES.get(meta.get("backbone_dtype", ""), DTYPES[recipe.model.dtype])
         impl = available_attn_implementation(recipe.model.attn_implementation, dtype, device)
-        backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
-        if (src / "adapter").is_dir():
-            from peft import PeftModel
-            with quiet_peft():
-                backbone = PeftModel.from_pretrained(backbone, src / "adapter")
+        with reading(src, EXPORTED_FIX):  # what the checks above cannot see (a tensor body, tokenizer.model)
+            backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
+            if (src / "adapter").is_dir():
+                from peft import PeftModel
+                with quiet_peft():
+                    backbone = PeftModel.from_pretrained(backbone, src / "adapter")
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            state = load_file(str(src / "pooler.safetensors"))
         set_attention_mode(backbone, recipe.attention.mode)
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         hidden, depth = int(unwrap(backbone).config.hidden_size), num_decoder_layers(backbone)
         pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
-        state = load_file(str(src / "pooler.safetensors"))
         try:
             pooler.load_state_dict(state, strict=True)
         except RuntimeError as err:

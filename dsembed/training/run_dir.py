@@ -1,5 +1,9 @@
 """The run directory of a training run: checkpoint tags, the resume decision, pruning, log truncation.
 
+A resume first checks the checkpoint it would load (`verify_resume`): a damaged or missing shard
+sets that checkpoint aside as checkpoints/damaged-step-N (never deleted) and the run resumes from the
+newest complete earlier one, or stops with exit code 2 when there is none.
+
     recipe.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, checkpoints/latest
 (the layout is described in dsembed.training.trainer). Nothing here imports deepspeed; the
 checkpoints themselves are written and read by dsembed.training.engine.
@@ -7,15 +11,17 @@ checkpoints themselves are written and read by dsembed.training.engine.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 
 from dsembed import distributed as dist
 from dsembed.atomic import write_text_atomic
 from dsembed.config import Recipe
-from dsembed.errors import RecipeError, UserError
+from dsembed.errors import CheckpointError, RecipeError, UserError
 
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -76,7 +82,59 @@ def check_shared_run_dir(recipe: Recipe) -> None:
                         "every node mounts at the same path (NFS, Lustre, ...), see README 'Multi-node training'")
 
 
-def prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
+def verify_resume(recipe: Recipe, tag: str | None) -> tuple[str | None, list[tuple[str, str]]]:
+    """The checkpoint to resume from: `tag` when every shard is present and whole, else the newest
+    complete earlier one. Collective: every rank calls it and reads its share of each checkpoint's
+    shards (dsembed.training.checkpoint_files); the problems are gathered, so all ranks decide alike.
+
+    Returns:
+        (tag to resume from or None, [(damaged tag, its first problem), ...] newest first): the
+        damaged checkpoints that `prepare_run_dir` moves aside.
+
+    Raises:
+        CheckpointError: no complete checkpoint is left; names the newest one and its shard, and the fix.
+    """
+    from dsembed.training.checkpoint_files import checkpoint_problems
+
+    if tag is None or any(t != tag for t in dist.gather_objects(tag)):
+        return tag, []  # ranks that see different run directories are refused by check_shared_run_dir
+    folder = checkpoint_dir(recipe)
+    newest = int(m.group(1)) if (m := STEP_DIR.match(tag)) else None
+    older = sorted(((int(m.group(1)), p.name) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))
+                    and p.name != tag and (newest is None or int(m.group(1)) < newest)), reverse=True)
+    damaged: list[tuple[str, str]] = []
+    for candidate in [tag, *(name for _, name in older)]:
+        mine, _ = checkpoint_problems(folder / candidate, (dist.rank(), dist.world_size()))
+        problems = sorted({p for part in dist.gather_objects(mine) for p in part})
+        if not problems:
+            return candidate, damaged
+        damaged.append((candidate, problems[0]))
+    also = f" ({len(damaged) - 1} earlier checkpoint(s) damaged too)" if len(damaged) > 1 else ""
+    raise CheckpointError(f"{folder / tag}: {damaged[0][1]}; no complete earlier checkpoint to resume from{also}: restore "
+                          f"the shard from a good copy, or start again with train.overwrite=true (deletes {folder}) "
+                          "or another train.output_dir")
+
+
+def _set_aside(folder: Path, damaged: list[tuple[str, str]], resume_tag: str | None) -> None:
+    """Rename each damaged checkpoint to damaged-<tag> (never deleted; pruning ignores it), say so
+    in one line, and point `latest` at the checkpoint the run resumes from."""
+    for tag, problem in damaged:
+        aside = folder / f"damaged-{tag}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = folder / f"damaged-{tag}.{n}"
+        os.rename(folder / tag, aside)
+        print(f"warning: {folder / tag}: {problem}; moved the checkpoint aside to {aside} (kept, not deleted); resuming from "
+              f"{folder / resume_tag}", file=sys.stderr, flush=True)
+    if damaged:
+        write_text_atomic(folder / "latest", str(resume_tag))
+
+
+def prepare_run_dir(recipe: Recipe, fresh: bool, damaged: list[tuple[str, str]] | None = None,
+                    resume_tag: str | None = None) -> None:
+    """Make the run directory ready (collective): delete it for a fresh start, or set damaged
+    checkpoints aside (`verify_resume`) and drop unfinished tmp-step-* saves for a resume."""
     check_shared_run_dir(recipe)
     out = Path(recipe.train.output_dir)
     if dist.is_main():
@@ -85,6 +143,7 @@ def prepare_run_dir(recipe: Recipe, fresh: bool) -> None:
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _set_aside(out / "checkpoints", damaged or [], resume_tag)
         for stale in (out / "checkpoints").glob("tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a save interrupted before its rename
         write_text_atomic(out / "recipe.yaml", recipe.to_yaml())

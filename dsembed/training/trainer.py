@@ -14,6 +14,9 @@ when a run starts or resumes.
 Reliability rules (tests/reliability):
 - Nothing in the run directory is created or changed before every input check has passed (recipe,
   data, model build): a user mistake exits with code 2 and leaves no run directory behind.
+- A resume checks every shard of the checkpoint it loads first (run_dir.verify_resume): a damaged or
+  missing one sets that checkpoint aside (damaged-step-N) and the newest complete earlier one is
+  loaded; with none left the run stops with exit code 2, naming the checkpoint and the shard.
 - An existing run is resumed (train.resume: auto), refused (train.resume: never, exit 2) or, with
   train.overwrite: true, replaced: its checkpoints/, tensorboard/ and metrics.jsonl are deleted up
   front, once the new run has passed its input checks (not deferred to its first checkpoint).
@@ -43,7 +46,7 @@ from dsembed.errors import CheckpointError, TrainingError, UserError
 from dsembed.testhooks import TestHooks
 from dsembed.training.gradcache import BatchStats, cached_backward, plain_backward
 from dsembed.training.run_dir import (STEP_DIR, check_run_dir, checkpoint_dir, drop_logs_after, latest_tag,
-                                      prepare_run_dir, steps_to_prune)
+                                      prepare_run_dir, steps_to_prune, verify_resume)
 
 
 def _periodic_eval(recipe: Recipe) -> Any:
@@ -78,7 +81,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, base_dir: Path | None = None) -> None:
         from dsembed.data.batches import ContrastiveOrder
         from dsembed.data.rows import load_examples
-        from dsembed.training.engine import Engine
+        from dsembed.training.engine import Engine, init_distributed
         from dsembed.modeling import build_model
 
         self.recipe = recipe
@@ -89,6 +92,8 @@ class Trainer:
         self.order = ContrastiveOrder(len(self.examples), train.seed, train.gradient_accumulation_steps)
         self.order.batches_per_epoch(self.world, train.micro_batch_size)  # DataError now, not at step 1
         self.evaluator = _periodic_eval(recipe)  # None unless eval.every_steps: tasks load before any write
+        init_distributed()  # the resume check is collective
+        self.resume_tag, damaged = verify_resume(recipe, self.resume_tag)  # read-only; set aside below
         seed_everything(train.seed)  # identical initial weights on every rank
         try:
             self.engine = Engine.create(recipe, lambda: build_model(recipe, base_dir))
@@ -100,7 +105,7 @@ class Trainer:
         self.tokenizer = self.model.tokenizer
         seed_everything(train.seed + self.rank)  # then per-rank dropout streams
         self.step = 0
-        prepare_run_dir(recipe, fresh=self.resume_tag is None)
+        prepare_run_dir(recipe, fresh=self.resume_tag is None, damaged=damaged, resume_tag=self.resume_tag)
         if self.resume_tag is not None:
             self._resume(self.resume_tag)
 

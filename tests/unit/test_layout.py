@@ -20,7 +20,7 @@ LEVELS = {
     # testhooks reads the rank to aim a fault at one process, so it sits beside distributed
     "dsembed.distributed": 1, "dsembed.testhooks": 1,
     "dsembed.modeling": 2, "dsembed.data": 2, "dsembed.training.loss": 2, "dsembed.training.gradcache": 2,
-    "dsembed.training.ds_config": 2,
+    "dsembed.training.ds_config": 2, "dsembed.training.checkpoint_files": 2,
     "dsembed.training.engine": 3,
     "dsembed.training": 4, "dsembed.export": 4, "dsembed.evaluation": 4,
     "dsembed": 4,  # the package's own __init__ (EmbeddingModel)
