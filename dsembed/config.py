@@ -146,6 +146,11 @@ class DataConfig:
     instruction_preset: Literal["e5"] | None = None  # built-in per-source set; `instructions` win
     query_template: str = "Instruct: {instruction}\nQuery: {query}"
     num_negatives: int = 1  # hard negatives per query; rows with fewer reuse random in-corpus texts
+    # mixed: each contrastive batch draws from all rows; by_source: each global contrastive batch
+    # (all ranks together) comes from one source (the row's `source`, else its data.train entry),
+    # sources drawn in proportion to their size or to `source_weights` (dsembed.data.batches)
+    batching: Literal["mixed", "by_source"] = "mixed"
+    source_weights: dict[str, float] = field(default_factory=dict)  # by_source: source -> relative weight
     skip_malformed: bool = False  # count and skip bad rows instead of failing on the first one
     max_rows: int | None = None
     seed: int = 42
@@ -153,8 +158,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """InfoNCE over the contrastive batch (dsembed.training.loss).
+
+    `mask_duplicates`: a candidate document whose text equals the query's own positive (another
+    row's identical positive, a hard negative that is someone else's positive) is left out of the
+    softmax. `false_negative_margin` m: also leave out candidates the model itself scores above
+    pos - (1 - m) * |pos| (m x the positive's score when positive), pos = score(query, positive).
+    `matryoshka_dims`: add the InfoNCE at each listed size (the first d coordinates, re-normalised),
+    weighted by `matryoshka_weights` (empty: 1 each), summed as sentence-transformers' MatryoshkaLoss;
+    list the full size too to keep training it.
+    """
+
     temperature: float = 0.05  # the paper's scale 20
     gather_across_ranks: bool = True  # score every query against the global batch's documents
+    mask_duplicates: bool = True
+    false_negative_margin: float | None = None  # e.g. 0.95; None: off
+    matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [64, 128, 256, 576]; empty: off
+    matryoshka_weights: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

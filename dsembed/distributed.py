@@ -132,6 +132,27 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)  # [W*b, ...]
 
 
+def gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, without gradient (integer tensors too).
+
+    Shapes:
+        tensor: [b, ...] on this rank (the same b on every rank).
+        returns: [W * b, ...], rank-major, like `gather_with_grad`.
+
+    Args:
+        tensor: this rank's rows, on the device the backend uses (the embeddings' device).
+
+    Returns:
+        The gathered tensor; `tensor` itself when not distributed or with one rank.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.detach().contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)  # W x [b, ...]
+    return torch.cat(parts, dim=0)  # [W*b, ...]
+
+
 def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over ranks, without gradient (for logging the global loss / accuracy).
 

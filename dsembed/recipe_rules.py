@@ -102,6 +102,8 @@ def validate(recipe: Recipe, world_size: int | None = None, num_layers: int | No
         raise RecipeError(f"{where}: train.cache_chunk_size = {t.cache_chunk_size} must be within 1..train.micro_batch_size ({t.micro_batch_size})")
     if recipe.loss.temperature <= 0:
         raise RecipeError(f"{where}: loss.temperature must be positive")
+    _check_loss_extras(recipe, where)
+    _check_batching(recipe, where)
     o = recipe.optim
     if o.lr <= 0 or (o.head_lr is not None and o.head_lr <= 0):
         key = "optim.lr" if o.lr <= 0 else "optim.head_lr"
@@ -153,3 +155,35 @@ def validate(recipe: Recipe, world_size: int | None = None, num_layers: int | No
         elif isinstance(pooling.layers, str) and pooling.layers != "all" and not _TOP_K.match(pooling.layers):
             raise RecipeError(f"{where}: pooling.layers = {pooling.layers!r} should be 'all', 'top-K' or a list of indices")
     return recipe
+
+
+def _check_loss_extras(recipe: Recipe, where: str) -> None:
+    """loss.false_negative_margin and the Matryoshka sizes and weights."""
+    loss = recipe.loss
+    margin = loss.false_negative_margin
+    if margin is not None and not 0 < margin <= 1:
+        raise RecipeError(f"{where}: loss.false_negative_margin = {margin} must be within (0, 1] "
+                          "(e.g. 0.95: mask candidates scoring above 95% of the positive's score; null: off)")
+    dims, weights = loss.matryoshka_dims, loss.matryoshka_weights
+    if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise RecipeError(f"{where}: loss.matryoshka_dims = {dims} should be distinct positive sizes, e.g. [64, 128, 256]")
+    hidden = (recipe.model.random_init or {}).get("hidden_size")
+    if isinstance(hidden, int) and dims and max(dims) > hidden:
+        raise RecipeError(f"{where}: loss.matryoshka_dims = {dims} but the embedding has {hidden} dimensions (list sizes up to {hidden})")
+    if weights and not dims:
+        raise RecipeError(f"{where}: loss.matryoshka_weights needs loss.matryoshka_dims (one weight per size)")
+    if weights and (len(weights) != len(dims) or any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise RecipeError(f"{where}: loss.matryoshka_weights = {weights} should be {len(dims)} non-negative numbers, "
+                          "one per loss.matryoshka_dims entry, not all 0 (or leave it empty: weight 1 each)")
+
+
+def _check_batching(recipe: Recipe, where: str) -> None:
+    """data.source_weights belongs to by_source batching and holds non-negative weights."""
+    data = recipe.data
+    if data.source_weights and data.batching != "by_source":
+        raise RecipeError(f"{where}: data.source_weights applies to data.batching: by_source (set it, or remove the weights)")
+    bad = {k: v for k, v in data.source_weights.items() if v < 0}
+    if bad:
+        raise RecipeError(f"{where}: data.source_weights {bad}: weights must not be negative (0 leaves a source out)")
+    if data.source_weights and not any(v > 0 for v in data.source_weights.values()):
+        raise RecipeError(f"{where}: data.source_weights are all 0 (give at least one source a positive weight)")

@@ -41,6 +41,12 @@ class Example:
     positive: str
     negatives: list[str] = field(default_factory=list)
     source: str | None = None
+    origin: str | None = None  # the data.train entry it was read from
+
+    @property
+    def group(self) -> str:
+        """The source a by_source batch draws from: the row's `source`, else its data.train entry."""
+        return self.source if self.source is not None else (self.origin or "")
 
 
 class LoadedExamples(list):
@@ -116,8 +122,8 @@ class _Collector:
     def full(self) -> bool:
         return self.max_rows is not None and len(self.examples) >= self.max_rows
 
-    def add_rows(self, label: str, rows: Iterable[tuple[int, Any]]) -> None:
-        """`rows` yields (line or row number, parsed object or a _RowError)."""
+    def add_rows(self, label: str, rows: Iterable[tuple[int, Any]], origin: str | None = None) -> None:
+        """`rows` yields (line or row number, parsed object or a _RowError); `origin`: the entry."""
         before = len(self.examples)
         for number, row in rows:
             if self.full:
@@ -125,7 +131,9 @@ class _Collector:
             try:
                 if isinstance(row, _RowError):
                     raise row
-                self.examples.append(parse_row(row))
+                example = parse_row(row)
+                example.origin = origin
+                self.examples.append(example)
             except _RowError as err:
                 if not self.skip:
                     raise DataError(f"{label}:{number}: {err}") from None
@@ -260,15 +268,15 @@ def check_data_files(recipe: Recipe) -> None:
             raise DataError(f"{where}: data.train: {path}: data file not found (data.train entries are {_ENTRY_KINDS})")
 
 
-def load_examples(recipe: Recipe) -> LoadedExamples:
-    """Read every `data.train` entry, check the rows and fill negatives.
+def read_examples(recipe: Recipe) -> LoadedExamples:
+    """Read every `data.train` entry and check the rows; negatives as the rows have them (not filled).
 
     Args:
-        recipe: uses data.train, data.skip_malformed, data.max_rows (total over all entries),
-            data.num_negatives and data.seed; relative paths resolve against the recipe's folder.
+        recipe: uses data.train, data.skip_malformed and data.max_rows (total over all entries);
+            relative paths resolve against the recipe's folder.
 
     Returns:
-        A list of `Example`s with `.skipped` (the count of malformed rows skipped) and `.problems`.
+        `Example`s (each with its `origin` entry) with `.skipped` and `.problems`.
 
     Raises:
         DataError: an unreadable entry, a malformed row (unless skip_malformed), or no rows at all.
@@ -288,14 +296,32 @@ def load_examples(recipe: Recipe) -> LoadedExamples:
         else:
             path = recipe.resolve_path(entry)
             label, rows = str(path), _jsonl_rows(path)
-        collector.add_rows(label, rows)
+        collector.add_rows(label, rows, origin=entry)
     if collector.skipped:
         log.warning("skipped %d malformed training rows; first: %s", collector.skipped, collector.problems[0])
-    fill_negatives(collector.examples, cfg.num_negatives, cfg.seed)
+    return LoadedExamples(collector.examples, collector.skipped, collector.problems)
+
+
+def load_examples(recipe: Recipe) -> LoadedExamples:
+    """Read every `data.train` entry, check the rows and fill negatives.
+
+    Args:
+        recipe: uses data.train, data.skip_malformed, data.max_rows (total over all entries),
+            data.num_negatives and data.seed; relative paths resolve against the recipe's folder.
+
+    Returns:
+        A list of `Example`s with `.skipped` (the count of malformed rows skipped) and `.problems`.
+
+    Raises:
+        DataError: an unreadable entry, a malformed row (unless skip_malformed), or no rows at all.
+    """
+    cfg = recipe.data
+    examples = read_examples(recipe)
+    fill_negatives(examples, cfg.num_negatives, cfg.seed)
     instructions = query_instructions(cfg)
-    already = sum(1 for e in collector.examples
-                  if instruction_for(e.source, instructions) and has_instruction(cfg.query_template, e.query))
-    if already:
+    examples.already_instructed = sum(1 for e in examples
+                                      if instruction_for(e.source, instructions) and has_instruction(cfg.query_template, e.query))
+    if examples.already_instructed:
         log.warning("data: %d of %d queries already carry an instruction in data.query_template's form; "
-                    "no second one is added to them", already, len(collector.examples))
-    return LoadedExamples(collector.examples, collector.skipped, collector.problems, already)
+                    "no second one is added to them", examples.already_instructed, len(examples))
+    return examples

@@ -12,7 +12,8 @@ implementations went wrong (sentence-transformers #3173, Tevatron #206):
 - only the very last backward before `step()` is marked as the accumulation boundary, so each
   backward is reduced into the accumulated partitioned gradient and the optimizer runs once.
 Dropout replays identically: each chunk's RNG state is recorded before its first forward and
-restored before the re-run.
+restored before the re-run. Both steps call the same `contrastive_loss` with the batch's document
+text keys (`document_keys` from collate), so they mask the same candidates.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from dsembed.training.loss import info_nce
+from dsembed.training.loss import LossOptions, contrastive_loss
 
 Batch = dict[str, torch.Tensor]
 # Called with the loss right before its backward; returns the loss to backpropagate or raises (the
@@ -38,6 +39,7 @@ class BatchStats:
     positive_cosine: float
     negative_cosine: float
     tokens: int
+    masked: float = 0.0  # candidates masked per query (duplicates of its positive, false negatives)
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -74,19 +76,27 @@ def _chunks(batch: Batch, size: int) -> list[Batch]:
 def _stats(output: Any, query: Batch, documents: Batch) -> BatchStats:
     tokens = int(query["attention_mask"].sum()) + int(documents["attention_mask"].sum())
     return BatchStats(float(output.loss.detach()), output.accuracy, output.positive_cosine,
-                      output.negative_cosine, tokens)
+                      output.negative_cosine, tokens, output.masked)
 
 
-def plain_backward(engine: Any, batch: dict[str, Batch], temperature: float, gather: bool,
-                   boundary: bool, loss_guard: LossGuard | None = None) -> BatchStats:
+def _keys(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    keys = batch.get("document_keys")
+    return None if keys is None else keys.to(device)  # [b*(1+n)] int64
+
+
+def plain_backward(engine: Any, batch: dict[str, Any], temperature: float, gather: bool,
+                   boundary: bool, loss_guard: LossGuard | None = None,
+                   options: LossOptions | None = None) -> BatchStats:
     """Forward the whole contrastive batch with a graph and backward the loss.
 
     Args:
         engine: dsembed.training.engine.Engine.
-        batch: {"query": {input_ids, attention_mask}, "documents": {...}} from dsembed.data.batches.collate.
+        batch: {"query": {input_ids, attention_mask}, "documents": {...}, "document_keys"?} from
+            dsembed.data.batches.collate.
         temperature, gather: recipe.loss settings.
         boundary: whether this is the last backward before `engine.step()`.
         loss_guard: checks (or, in tests, poisons) the loss before its backward.
+        options: recipe.loss masking and Matryoshka sizes (`LossOptions.of`); None: plain InfoNCE.
 
     Returns:
         The batch's detached statistics.
@@ -94,15 +104,16 @@ def plain_backward(engine: Any, batch: dict[str, Batch], temperature: float, gat
     query, documents = _to(batch["query"], engine.device), _to(batch["documents"], engine.device)
     q = engine(**query)  # [b, D]
     d = engine(**documents)  # [b*(1+n), D]
-    output = info_nce(q, d, temperature, gather=gather)
+    output = contrastive_loss(q, d, temperature, gather, _keys(batch, engine.device), options)
     loss = output.loss if loss_guard is None else loss_guard(output.loss)
     engine.set_boundary(boundary)
     engine.backward(loss)  # divided by the accumulation steps
     return _stats(output, query, documents)
 
 
-def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, gather: bool,
-                    chunk_size: int, boundary: bool, loss_guard: LossGuard | None = None) -> BatchStats:
+def cached_backward(engine: Any, batch: dict[str, Any], temperature: float, gather: bool,
+                    chunk_size: int, boundary: bool, loss_guard: LossGuard | None = None,
+                    options: LossOptions | None = None) -> BatchStats:
     """GradCache: the same parameter gradients as `plain_backward`, one chunk's activations.
 
     Args:
@@ -112,6 +123,7 @@ def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, ga
         chunk_size: queries per chunk (train.cache_chunk_size); documents go (1+n) times as many.
         boundary: whether the last chunk's backward is the last one before `engine.step()`.
         loss_guard: checks (or, in tests, poisons) the loss before its backward.
+        options: as for `plain_backward`.
 
     Returns:
         The batch's detached statistics.
@@ -132,7 +144,7 @@ def cached_backward(engine: Any, batch: dict[str, Batch], temperature: float, ga
     # (b) loss and its gradient with respect to the (detached) embeddings only.
     q = torch.cat(embeddings[:num_query_chunks]).detach().requires_grad_()  # [b, D]
     d = torch.cat(embeddings[num_query_chunks:]).detach().requires_grad_()  # [b*(1+n), D]
-    output = info_nce(q, d, temperature, gather=gather)
+    output = contrastive_loss(q, d, temperature, gather, _keys(batch, engine.device), options)
     loss = output.loss if loss_guard is None else loss_guard(output.loss)
     # The gather's backward sums every rank's contribution to this rank's embeddings, as in the plain step.
     loss.backward()

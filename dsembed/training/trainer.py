@@ -42,9 +42,10 @@ import torch
 from dsembed import distributed as dist
 from dsembed.distributed import rng_states, set_rng_states
 from dsembed.config import Recipe
-from dsembed.errors import CheckpointError, TrainingError, UserError
+from dsembed.errors import CheckpointError, RecipeError, TrainingError, UserError
 from dsembed.testhooks import TestHooks
 from dsembed.training.gradcache import BatchStats, cached_backward, plain_backward
+from dsembed.training.loss import LossOptions
 from dsembed.training.run_dir import (STEP_DIR, check_run_dir, checkpoint_dir, drop_logs_after, latest_tag,
                                       prepare_run_dir, steps_to_prune, verify_resume)
 
@@ -89,7 +90,10 @@ class Trainer:
         self.resume_tag = check_run_dir(recipe)
         self.examples = load_examples(recipe)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.order = ContrastiveOrder(len(self.examples), train.seed, train.gradient_accumulation_steps)
+        by_source = recipe.data.batching == "by_source"
+        self.order = ContrastiveOrder(len(self.examples), train.seed, train.gradient_accumulation_steps,
+                                      groups=[e.group for e in self.examples] if by_source else None,
+                                      weights=recipe.data.source_weights or None)
         self.order.batches_per_epoch(self.world, train.micro_batch_size)  # DataError now, not at step 1
         self.evaluator = _periodic_eval(recipe)  # None unless eval.every_steps: tasks load before any write
         init_distributed()  # the resume check is collective
@@ -103,6 +107,11 @@ class Trainer:
             raise
         self.model = self.engine.module
         self.tokenizer = self.model.tokenizer
+        self.loss_options = LossOptions.of(recipe.loss)
+        dims = recipe.loss.matryoshka_dims
+        if dims and max(dims) > self.model.dim:  # before the run directory is touched
+            raise RecipeError(f"{recipe.source or '<recipe>'}: loss.matryoshka_dims = {dims} but the model's "
+                              f"embeddings have {self.model.dim} dimensions (list sizes up to {self.model.dim})")
         seed_everything(train.seed + self.rank)  # then per-rank dropout streams
         self.step = 0
         prepare_run_dir(recipe, fresh=self.resume_tag is None, damaged=damaged, resume_tag=self.resume_tag)
@@ -193,10 +202,11 @@ class Trainer:
             last = a == t.gradient_accumulation_steps - 1
             if t.cache_chunk_size is not None:
                 stats.append(cached_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
-                                             t.cache_chunk_size, boundary=last, loss_guard=self._guard_loss))
+                                             t.cache_chunk_size, boundary=last, loss_guard=self._guard_loss,
+                                             options=self.loss_options))
             else:
                 stats.append(plain_backward(self.engine, batch, loss_cfg.temperature, loss_cfg.gather_across_ranks,
-                                            boundary=last, loss_guard=self._guard_loss))
+                                            boundary=last, loss_guard=self._guard_loss, options=self.loss_options))
         TestHooks.dump_grads(self.engine, self.step + 1)
         self.step_lrs = self.engine.lr()  # the rates this step used (the schedule advances in step())
         self.engine.step()
@@ -214,15 +224,16 @@ class Trainer:
         n = len(stats)
         local = torch.tensor([sum(s.loss for s in stats) / n, sum(s.accuracy for s in stats) / n,
                               sum(s.positive_cosine for s in stats) / n, sum(s.negative_cosine for s in stats) / n,
+                              sum(s.masked for s in stats) / n,
                               float(sum(s.tokens for s in stats))], dtype=torch.float64, device=self.engine.device)
         if torch.distributed.is_initialized() and self.world > 1:
             torch.distributed.all_reduce(local)
-        loss, acc, pos, neg, tokens = (local / torch.tensor([self.world] * 4 + [1], dtype=torch.float64,
-                                                             device=local.device)).tolist()
+        loss, acc, pos, neg, masked, tokens = (local / torch.tensor([self.world] * 5 + [1], dtype=torch.float64,
+                                                                     device=local.device)).tolist()
         t = self.recipe.train
         lrs = self.step_lrs
         metrics = {"train/loss": loss, "train/accuracy": acc, "train/positive_cosine": pos,
-                   "train/negative_cosine": neg, "train/lr": lrs[0],
+                   "train/negative_cosine": neg, "train/masked_per_query": masked, "train/lr": lrs[0],
                    "train/grad_norm": self.engine.grad_norm() or 0.0,
                    "perf/tokens_per_s": tokens / seconds,
                    "perf/samples_per_s": t.micro_batch_size * t.gradient_accumulation_steps * self.world / seconds,
