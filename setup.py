@@ -46,6 +46,7 @@ setup(
             "dsembed-demo=dsembed.cli.demo:cli",
             "dsembed-bench=dsembed.cli.bench:cli",
             "dsembed-probe-layers=dsembed.cli.probe_layers:cli",
+            "dsembed-mine=dsembed.cli.mine:cli",
         ]
     },
 )

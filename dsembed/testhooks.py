@@ -10,6 +10,7 @@ set, every call returns at once (the loop reads as the loop, and users pay nothi
           save-renamed  inside save(): tmp-step-N renamed to step-N, `latest` not yet updated
           save-latest   inside save(): `latest` updated, old checkpoints not yet pruned
           eval-encode   dsembed-evaluate: the first encode call of the <step>-th task evaluated
+          mine-shard    dsembed-mine: right after its <step>-th shard (1-based) was stored
     DSEMBED_INJECT_NAN="loss@<step>[:<rank>]" | "grad@<step>[:<rank>]"   make that step's loss NaN
         before its backward, or keep the loss finite and make its gradients NaN.
     DSEMBED_DUMP_GRADS=<folder>   the reduced full gradients of every step, written before step().

@@ -22,7 +22,7 @@ LEVELS = {
     "dsembed.modeling": 2, "dsembed.data": 2, "dsembed.training.loss": 2, "dsembed.training.gradcache": 2,
     "dsembed.training.ds_config": 2, "dsembed.training.checkpoint_files": 2,
     "dsembed.training.engine": 3,
-    "dsembed.training": 4, "dsembed.export": 4, "dsembed.evaluation": 4,
+    "dsembed.training": 4, "dsembed.export": 4, "dsembed.evaluation": 4, "dsembed.mining": 4,
     "dsembed": 4,  # the package's own __init__ (EmbeddingModel)
     "dsembed.study": 5, "dsembed.bench": 5,
     "dsembed.cli": 6, "dsembed.train": 6,
@@ -142,7 +142,8 @@ def test_user_facing_entry_points_still_import():
 
     assert EmbeddingModel is Same
     for module in ("dsembed.train", "dsembed.cli.evaluate", "dsembed.cli.consolidate", "dsembed.cli.study",
-                   "dsembed.cli.compare", "dsembed.cli.demo", "dsembed.cli.bench", "dsembed.cli.probe_layers"):
+                   "dsembed.cli.compare", "dsembed.cli.demo", "dsembed.cli.bench", "dsembed.cli.probe_layers",
+                   "dsembed.cli.mine"):
         assert callable(importlib.import_module(module).cli)
 
 
