@@ -21,9 +21,12 @@ mteb's layout: `--results-dir DIR` also writes DIR/results/dsembed__<name>/<revi
 An exported model's README.md (model card) gets the scores: the hub's model-index metadata and a
 results table (the main scores of every evaluation so far are kept in MODEL_DIR/eval_results.json).
 
+--truncate-dim D scores the first D coordinates of every embedding, re-normalised (a Matryoshka size
+of loss.matryoshka_dims); the name gets "-dD" and the fingerprint the size, so sizes resume apart.
+
 Results JSON (format "dsembed-eval/1"):
   {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint"}, "mteb_version",
-   "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks"},
+   "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks", "truncate_dim"},
    "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
    "layer_weights": {"layers": [int], "norms": [float]} | null,
    "tasks": {NAME: {"category", "type", "main_metric", "main_score", "items_score", "split",
@@ -77,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
     p.add_argument("--device", default=None, help="default: this rank's GPU when CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no encoding progress bars")
+    p.add_argument("--truncate-dim", type=int, default=None, metavar="D",
+                   help="score the first D coordinates of every embedding, re-normalised (a loss.matryoshka_dims size)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for --base (as dsembed-train key=value); repeatable")
     # the deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK
@@ -150,10 +155,18 @@ def _load_model(args: argparse.Namespace, recipe, device: str):
 
         # the seed fixes an untrained head: every rank, and a resumed run, scores the same model
         torch.manual_seed(recipe.train.seed)
-        return build_model(recipe, attn_fallback=True).to(device).eval()
-    from dsembed.modeling.model import EmbeddingModel
+        model = build_model(recipe, attn_fallback=True).to(device).eval()
+    else:
+        from dsembed.modeling.model import EmbeddingModel
 
-    return EmbeddingModel.load(args.model_dir, device=device)
+        model = EmbeddingModel.load(args.model_dir, device=device)
+    if args.truncate_dim is None:
+        return model
+    from dsembed.evaluation.encoder import TruncatedModel
+
+    if args.truncate_dim > model.dim:  # every rank loads the same model and stops alike
+        raise UserError(f"--truncate-dim {args.truncate_dim}: the model's embeddings have {model.dim} dimensions")
+    return TruncatedModel(model, args.truncate_dim)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -199,6 +212,11 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         from dsembed.modeling.files import check_exported_files
 
         check_exported_files(Path(args.model_dir))
+    if args.truncate_dim is not None:
+        meta = Path(args.model_dir or ".") / "dsembed.json"
+        dim = json.loads(meta.read_text(encoding="utf-8")).get("dim") if args.model_dir and meta.is_file() else None
+        if args.truncate_dim < 1 or (dim is not None and args.truncate_dim > dim):
+            raise UserError(f"--truncate-dim {args.truncate_dim}: give a size from 1 to the model's {dim or 'embedding'} dimensions")
     if args.override and not args.base:
         raise UserError("--override applies to --base RECIPE.yaml only")
     results_dir = Path(args.results_dir) if args.results_dir else None
@@ -228,6 +246,9 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
                                                             default=str).encode()).hexdigest()
     else:
         fingerprint, model_files = resume.model_fingerprint(Path(args.model_dir), store_folder, output)
+    revision = fingerprint.split(":")[-1][:12]
+    if args.truncate_dim is not None:  # another size scores another model
+        fingerprint, revision = f"{fingerprint}:truncate_dim={args.truncate_dim}", f"{revision}-d{args.truncate_dim}"
     store = resume.TaskStore(store_folder, fingerprint, model_files)
     keys, finished, pending = {}, {}, []
     for task in tasks:
@@ -254,7 +275,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     return {"recipe": recipe, "tasks": tasks, "pending": pending, "finished": finished, "keys": keys,
             "store": store, "results_dir": results_dir, "task_limits": task_limits,
             "instructions": instructions, "batch_size": args.batch_size or (eval_cfg.batch_size if eval_cfg else 32),
-            "revision": fingerprint.split(":")[-1][:12]}
+            "revision": revision}
 
 
 def _log(line: str) -> None:
@@ -315,7 +336,8 @@ class _NoModel:
 def _model_name(args: argparse.Namespace) -> str:
     if args.name:
         return args.name
-    return f"base-{Path(args.base).stem}" if args.base else Path(args.model_dir).resolve().name
+    name = f"base-{Path(args.base).stem}" if args.base else Path(args.model_dir).resolve().name
+    return f"{name}-d{args.truncate_dim}" if args.truncate_dim is not None else name
 
 
 def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any]) -> int:
@@ -341,7 +363,8 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     results["mteb_version"] = mteb.__version__
     results["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results["settings"] = {"batch_size": job["batch_size"], "limit": args.limit, "task_limits": job["task_limits"],
-                           "instructions": job["instructions"], "ranks": distributed.world_size()}
+                           "instructions": job["instructions"], "ranks": distributed.world_size(),
+                           "truncate_dim": args.truncate_dim}
     output = Path(args.output)
     # atomic: dsembed-study treats an existing results file as a finished stage
     write_text_atomic(output, json.dumps(results))

@@ -42,6 +42,40 @@ def _model_meta(name: str, dim: int | None, n_parameters: int | None, revision: 
     )
 
 
+class TruncatedModel:
+    """A model whose embeddings are cut to their first `dim` coordinates and re-normalised.
+
+    Scores a Matryoshka size (recipe loss.matryoshka_dims) as training scored it; everything else
+    (batch_plan, parameters, pooler, recipe) is the wrapped model's.
+
+    Args:
+        model: an EmbeddingModel or any TextEncoder.
+        dim: the size kept, at most the model's.
+    """
+
+    def __init__(self, model: TextEncoder, dim: int) -> None:
+        self.model, self.truncate_dim = model, dim
+
+    @property
+    def dim(self) -> int:
+        return self.truncate_dim
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model", "truncate_dim"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def encode(self, texts: list[str], instruction: str | None = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        """float32 [N, dim], each row of unit length (as training's re-normalised sizes)."""
+        options: dict[str, Any] = {"instruction": instruction, "batch_size": batch_size}
+        if show_progress and "show_progress" in inspect.signature(self.model.encode).parameters:
+            options["show_progress"] = True
+        rows = np.asarray(self.model.encode(texts, **options), dtype=np.float32)[:, :self.truncate_dim]  # [N, dim]
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)  # [N, 1]
+        return rows / np.maximum(norms, 1e-12)
+
+
 class EmbeddingCache:
     """(instruction, text) -> float32 row, up to `budget_bytes` of rows; counts what it saved.
 

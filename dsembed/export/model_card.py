@@ -65,6 +65,12 @@ with torch.no_grad():
         else:
             text += "mask = batch.attention_mask.unsqueeze(-1).float()\nemb = (states * mask).sum(1) / mask.sum(1)\n"
         text += f"emb = {'F.normalize(emb, dim=-1)' if m.normalize else 'emb'}  # {pool}\n```\n"
+    dims = list(recipe.loss.matryoshka_dims)
+    if dims:
+        text += f"""
+Trained at the Matryoshka sizes {dims} (the first d coordinates, re-normalised): load a smaller
+size with `SentenceTransformer("{name}"{remote}, truncate_dim={dims[0]})`; `dsembed-evaluate --truncate-dim {dims[0]}` scores it.
+"""
     text += f"""
 With dsembed: `from dsembed import EmbeddingModel; EmbeddingModel.load("{name}")`.
 """

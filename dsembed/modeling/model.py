@@ -4,7 +4,8 @@ Saved folder (the root is a plain transformers model folder, so `AutoModel.from_
 and sentence-transformers' own Transformer module load the backbone without dsembed):
     recipe.yaml         the resolved recipe the model was built from
     dsembed.json        format version, pooling type, dim, base model, tapped layers, LoRA state, backbone
-                        dtype, the SHA-256 of recipe.yaml (checked at load: a truncated YAML still parses)
+                        dtype, Matryoshka sizes, the SHA-256 of recipe.yaml (checked at load: a truncated
+                        YAML still parses)
     config.json, model*.safetensors   transformers save_pretrained of the backbone (LoRA merged in,
                         unless merge_lora=False); config.is_causal records the attention mode
     tokenizer files     the tokenizer (at the root too)
@@ -240,6 +241,8 @@ class EmbeddingModel(nn.Module):
             "base_model": self.recipe.model.name_or_path or "random_init",
             "lora": lora_state,
             "backbone_dtype": DTYPE_NAMES[saved_dtype],
+            # the sizes trained with loss.matryoshka_dims: SentenceTransformer(folder, truncate_dim=d) loads one
+            "matryoshka_dims": list(self.recipe.loss.matryoshka_dims),
             # a truncated recipe.yaml often still parses (missing sections would take defaults): load checks this
             "recipe_sha256": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest(),
         }
