@@ -206,7 +206,25 @@ def _embed_documents(encode: Callable[[list[str]], np.ndarray], plan: MiningPlan
     return torch.from_numpy(np.concatenate(parts))  # [N, D]
 
 
-def _mine_shard(encode: Callable[[list[str]], np.ndarray], plan: MiningPlan, docs: torch.Tensor,
+class _Corpora:
+    """Each corpus's candidate positions, their embeddings on the scoring device and a position map,
+    kept for the corpus used last (examples of one source mostly share shards)."""
+
+    def __init__(self, plan: MiningPlan, docs: torch.Tensor, device: torch.device) -> None:
+        self.plan, self.docs, self.device = plan, docs, device
+        self._last: tuple[str, Any] | None = None
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """(candidate positions in documents [c], their embeddings [c, D] on the device, document -> row)."""
+        if self._last is None or self._last[0] != name:
+            self._last = None  # free the previous corpus first
+            candidates = torch.tensor(self.plan.corpus[name], dtype=torch.long)  # [c]
+            where = {doc: n for n, doc in enumerate(self.plan.corpus[name])}
+            self._last = (name, (candidates, self.docs[candidates].to(self.device), where))
+        return self._last[1]
+
+
+def _mine_shard(encode: Callable[[list[str]], np.ndarray], plan: MiningPlan, corpora: _Corpora,
                 rows: list[int], settings: MineSettings) -> dict[str, Any]:
     """Negatives (texts) of examples `rows` and the count the margin dropped."""
     distinct = list(dict.fromkeys(plan.queries[i] for i in rows))
@@ -218,14 +236,14 @@ def _mine_shard(encode: Callable[[list[str]], np.ndarray], plan: MiningPlan, doc
     for i in rows:
         by_corpus.setdefault(plan.corpus_of[i], []).append(i)
     for name, members in by_corpus.items():
-        candidates = torch.tensor(plan.corpus[name], dtype=torch.long)  # [c]
-        where = {doc: n for n, doc in enumerate(plan.corpus[name])}
+        candidates, corpus, where = corpora.get(name)
         queries = embedded[[at[plan.queries[i]] for i in members]]  # [m, D]
-        positives = docs[[plan.index[plan.examples[i].positive] for i in members]]  # [m, D]
+        positives = corpora.docs[[plan.index[plan.examples[i].positive] for i in members]]  # [m, D]
         excluded = torch.tensor([[where.get(plan.index[plan.examples[i].positive], -1),
                                   where.get(plan.index.get(plan.examples[i].query, -1), -1)] for i in members])  # [m, 2]
-        selection = select_negatives(queries, (queries * positives).sum(1), docs[candidates], excluded,
-                                     settings.negatives, settings.margin, settings.skip_top)
+        selection = select_negatives(queries.to(corpora.device), (queries * positives).sum(1).to(corpora.device),
+                                     corpus, excluded.to(corpora.device), settings.negatives, settings.margin,
+                                     settings.skip_top)
         dropped += selection.dropped_by_margin
         for i, picks in zip(members, selection.indices.tolist()):
             chosen[i] = [plan.documents[int(candidates[p])] for p in picks if p >= 0]
@@ -247,6 +265,7 @@ def mine(encoder: Any, plan: MiningPlan, settings: MineSettings, store: ShardSto
         return np.asarray(encoder.encode(texts, instruction=None, batch_size=settings.batch_size), dtype=np.float32)
 
     docs = _embed_documents(encode, plan, store, settings.shard_size, log)
+    corpora = _Corpora(plan, docs, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     negatives: list[list[str]] = []
     dropped = 0
     shards = range(0, len(plan.examples), settings.shard_size)
@@ -255,7 +274,7 @@ def mine(encoder: Any, plan: MiningPlan, settings: MineSettings, store: ShardSto
         key = dict(plan.key, shard=number, rows=[rows[0], rows[-1]])
         before = store.reused
         result = store.get_or_make(f"examples-{number:05d}.json", key,
-                                   lambda r=rows: _mine_shard(encode, plan, docs, r, settings))
+                                   lambda r=rows: _mine_shard(encode, plan, corpora, r, settings))
         negatives += result["negatives"]
         dropped += result["dropped_by_margin"]
         how = "stored earlier" if store.reused > before else "mined"

@@ -8,7 +8,8 @@ own positive or the query itself, and every candidate scoring above
 the first `skip_top` ranks are skipped (the "rank 30+" practice; sentence-transformers'
 `range_min`, applied after the margin as there) and the next `k` kept.
 
-Shapes: m queries, c candidates, D embedding size.
+Shapes: m queries, c candidates, D embedding size. Scores are computed on the inputs' device
+(dsembed-mine uses the GPU when there is one).
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def select_negatives(queries: torch.Tensor, positive_scores: torch.Tensor, corpu
     """
     m, c = queries.shape[0], corpus.shape[0]
     take = min(k + skip_top, c)
-    indices = torch.full((m, k), -1, dtype=torch.long)
-    scores = torch.full((m, k), float("-inf"))
+    indices = torch.full((m, k), -1, dtype=torch.long, device=queries.device)
+    scores = torch.full((m, k), float("-inf"), device=queries.device)
     dropped = 0
     rows = max(1, CHUNK_ELEMENTS // max(1, c))
     for start in range(0, m, rows):
@@ -65,7 +66,7 @@ def select_negatives(queries: torch.Tensor, positive_scores: torch.Tensor, corpu
         gone = excluded[part]  # [r, e]
         keep = torch.ones_like(chunk, dtype=torch.bool)  # [r, c]
         valid = gone >= 0
-        row_ids = torch.arange(chunk.shape[0])[:, None].expand_as(gone)  # [r, e]
+        row_ids = torch.arange(chunk.shape[0], device=chunk.device)[:, None].expand_as(gone)  # [r, e]
         keep[row_ids[valid], gone[valid]] = False
         above = chunk > relative_threshold(positive_scores[part].float(), margin)[:, None]  # [r, c]
         dropped += int((above & keep).sum())
@@ -78,4 +79,4 @@ def select_negatives(queries: torch.Tensor, positive_scores: torch.Tensor, corpu
         top = top.masked_fill(torch.isinf(top_scores), -1)
         width = top.shape[1]
         indices[part, :width], scores[part, :width] = top, top_scores
-    return Selection(indices=indices, scores=scores, dropped_by_margin=dropped)
+    return Selection(indices=indices.cpu(), scores=scores.cpu(), dropped_by_margin=dropped)

@@ -6,7 +6,7 @@
     run_dir.py       the run directory: checkpoint tags, resume decision, pruning
     checkpoint_files.py  which shards a complete checkpoint holds, and whether each is whole (no deepspeed import)
     gradcache.py     cached (GradCache) and plain backward passes
-    loss.py          InfoNCE as a function of embeddings
+    loss.py          InfoNCE as a function of embeddings: false-negative masks, Matryoshka sizes
     monitor.py       TensorBoard and metrics.jsonl
     periodic_eval.py evaluation during training
 """
