@@ -262,6 +262,10 @@ def evaluate_tasks(model: TextEncoder, tasks: list[AbsTask], *, model_name: str 
 def evaluate_task(encoder: MtebEncoder, task: AbsTask, instructions: dict[str, str],
                   batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score one loaded task through mteb; (its results entry, mteb's TaskResult as a dict)."""
+    if not getattr(task, "data_loaded", False):
+        # mteb would load (and afterwards drop) the data itself; loaded here, the chance level is
+        # computed on the same items mteb scores
+        task.load_data()
     name, category = task.metadata.name, category_of(task)
     items: dict[str, dict] = {}
     _install_capture(task, category, items)

@@ -308,3 +308,11 @@ def test_results_carry_the_chance_level_in_json_table_and_mteb_files(task_root, 
         assert extra["score"] == pytest.approx(chance[name]["score"], abs=1e-6), name
         assert extra["method"] == chance[name]["method"]
         assert back.get_score() == pytest.approx(results["tasks"][name]["main_score"], abs=1e-6)
+
+
+def test_tasks_not_loaded_beforehand_are_loaded_once_and_get_their_chance_level(task_root):
+    tasks = load_local_tasks(task_root)  # no prepare_tasks: mteb would load (and drop) the data itself
+    results = run.evaluate_tasks(HashEncoder(), tasks, log=lambda _: None)["tasks"]
+    assert set(results) == {"TinySTS", "TinyRetrieval", "TinyClassification", "TinyClustering"}
+    assert all(entry["chance"] is not None for entry in results.values())
+    assert results["TinySTS"]["chance"]["score"] == 0.0
