@@ -170,7 +170,7 @@ def write_sentence_transformers_files(folder: Path, model: Any, keep_adapter: bo
     import sentence_transformers
     import transformers
 
-    from dsembed import portable, st_module
+    from dsembed.export import portable, st_module
 
     Transformer, Pooling, Normalize = _st_classes()
     recipe = model.recipe

@@ -97,7 +97,7 @@ def test_generated_module_is_dsembed_source(tiny_recipe, tmp_path):
     import importlib.util
     import inspect
 
-    from dsembed import portable
+    from dsembed.export import portable
     from dsembed.modeling.pooling import LatentCrossAttention
 
     import ast
