@@ -38,6 +38,7 @@ from dsembed.modeling.attention import set_attention_mode
 from dsembed.modeling.backbone import DTYPES, available_attn_implementation, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
 from dsembed.modeling.pooling import Pooler, build_pooler
+from dsembed.modeling.precision import resolve_recipe, torch_dtype
 from dsembed.modeling.tokenization import pad_id, pad_token_ids, token_ids, tokenize_texts
 from dsembed.modeling.weights import DTYPE_NAMES, merged_dtype, plain_state_dict, quiet_peft, set_config_dtype
 
@@ -264,7 +265,7 @@ class EmbeddingModel(nn.Module):
                 raise CheckpointError(f"{src}: {part.relative_to(src)} is missing (the folder is incomplete; save it again)")
         recipe = recipe_from_dict(yaml.safe_load((src / "recipe.yaml").read_text(encoding="utf-8")), str(src / "recipe.yaml"))
         impl = available_attn_implementation(recipe.model.attn_implementation)
-        dtype = DTYPES.get(meta.get("backbone_dtype", ""), DTYPES[recipe.model.dtype])
+        dtype = DTYPES.get(meta.get("backbone_dtype", ""), torch_dtype(recipe.model.dtype))
         backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
         if (src / "adapter").is_dir():
             from peft import PeftModel
@@ -274,7 +275,7 @@ class EmbeddingModel(nn.Module):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         hidden, depth = int(unwrap(backbone).config.hidden_size), num_decoder_layers(backbone)
-        pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
+        pooler = build_pooler(recipe.pooling, hidden, depth, dtype=torch_dtype(recipe.model.dtype))
         state = load_file(str(src / "pooler.safetensors"))
         try:
             pooler.load_state_dict(state, strict=True)
@@ -310,7 +311,8 @@ def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: boo
     loading (outside zero.Init) and the head initialises itself in its constructor.
 
     Args:
-        recipe: the resolved recipe.
+        recipe: the resolved recipe; a `model.dtype: auto` the caller left is resolved here (one
+            printed line), so the model's recipe always holds the concrete dtype.
         base_dir: folder relative model paths resolve against (default: the recipe's folder).
         attn_fallback: sdpa where flash-attn is not installed (CPU-side tools; see load_backbone).
 
@@ -320,6 +322,7 @@ def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: boo
     Raises:
         RecipeError: bad source, architecture, layer selection or LoRA targets.
     """
+    recipe = resolve_recipe(recipe)  # entry points resolve `auto` first; a raw recipe prints its line here
     where = recipe.source or "<recipe>"
     if base_dir is None and recipe.source:
         base_dir = Path(recipe.source).parent
@@ -338,7 +341,7 @@ def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: boo
         # non-reentrant checkpointing needs no enable_input_require_grads() for frozen embeddings
         backbone = _apply_lora(backbone, recipe)
     hidden = int(unwrap(backbone).config.hidden_size)
-    pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
+    pooler = build_pooler(recipe.pooling, hidden, depth, dtype=torch_dtype(recipe.model.dtype))
     return EmbeddingModel(backbone, pooler, tokenizer, recipe)
 
 
