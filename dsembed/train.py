@@ -57,7 +57,11 @@ def dry_run(recipe: Recipe) -> None:
     from dsembed.data.rows import check_data_files
     from dsembed.modeling.pooling import count_head_parameters
 
+    from dsembed.modeling.precision import resolve_recipe
+
     check_data_files(recipe)
+    # model.dtype: auto as this machine would train it; the line is a YAML comment, the output stays YAML
+    recipe = resolve_recipe(recipe, say=lambda line: print(f"# {line}"))
     print(recipe.to_yaml(), end="")
     shape = _backbone_shape(recipe)
     if shape is None:

@@ -54,16 +54,11 @@ def load_average() -> list[float]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch / transformers / sentence-transformers versions, threads, load, date."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    """CPU model and its bf16 units, cores, package versions, threads, load, date, what `auto` picks here."""
+    from dsembed.modeling.precision import cpu_bf16_units, cpu_model, resolve_dtype
+
+    info = {"cpu": cpu_model(), "cpu_bf16_units": cpu_bf16_units(), "auto_dtype_cpu": resolve_dtype("auto", "cpu").line(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "load_average": load_average(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name in ("transformers", "sentence_transformers", "peft", "deepspeed"):
@@ -189,20 +184,24 @@ def peft_lora_config(recipe: Recipe) -> Any:
                       target_modules=list(cfg.target_modules), bias="none")
 
 
-def build_sentence_transformer(recipe: Recipe, lora: bool, seed: int = 0) -> Any:
+def build_sentence_transformer(recipe: Recipe, lora: bool, seed: int = 0, dtype: str | None = None) -> Any:
     """The sentence-transformers model a user would build instead: Transformer + Pooling('lasttoken').
 
     Same backbone weights (the dsembed backbone saved once without LoRA and loaded by ST), same
     tokenizer (its chat template removed, see below), max length, padding side, dtype and attention
-    implementation; LoRA with the same peft config on the Transformer module's model.
+    implementation; LoRA with the same peft config on the Transformer module's model. `dtype`
+    overrides the recipe's (training in bf16 the way SentenceTransformerTrainer(bf16=True) does
+    loads float32 weights and runs under autocast: pass dtype="float32" and autocast yourself).
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from dsembed.modeling.backbone import DTYPES, unwrap
+    from dsembed.modeling.backbone import unwrap
+    from dsembed.modeling.precision import torch_dtype
 
-    base = build_dsembed(without_lora(recipe), seed)
+    # saved in float32 whatever the dtype, so both sides round the same float32 weights
+    base = build_dsembed(without_lora(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype="float32"))), seed)
     folder = Path(tempfile.mkdtemp(prefix="dsembed-bench-st-"))
     unwrap(base.backbone).save_pretrained(folder)
     # sentence-transformers 6 wraps every text in the tokenizer's chat template when it has one
@@ -214,7 +213,7 @@ def build_sentence_transformer(recipe: Recipe, lora: bool, seed: int = 0) -> Any
     del base
     m = recipe.model
     module = Transformer(str(folder), max_seq_length=m.max_length,
-                         model_kwargs={"dtype": DTYPES[m.dtype], "attn_implementation": m.attn_implementation})
+                         model_kwargs={"dtype": torch_dtype(dtype or m.dtype), "attn_implementation": m.attn_implementation})
     module.tokenizer.padding_side = m.padding_side
     if lora:
         from peft import get_peft_model
@@ -229,13 +228,18 @@ class LocalEngine:
 
     forward = the module; backward = loss.backward(); step = clip to 1.0 (as the recipes' DeepSpeed
     gradient_clipping), AdamW, zero_grad(set_to_none). This is DeepSpeed ZeRO-0 on one rank minus
-    its bookkeeping.
+    its bookkeeping. With bf16 / fp16 trainable parameters it keeps float32 master copies as
+    DeepSpeed's bf16 mode does: gradients are copied to the masters, clipped and stepped there
+    (AdamW state in float32), and the masters are copied back into the low-precision parameters.
     """
 
     def __init__(self, module: nn.Module, lr: float = 1e-5, weight_decay: float = 0.01, max_grad_norm: float = 1.0):
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.masters = None
+        if any(p.dtype != torch.float32 for p in self.params):
+            self.masters = [p.detach().float().clone().requires_grad_() for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.masters or self.params, lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
 
     @property
@@ -252,9 +256,20 @@ class LocalEngine:
         loss.backward()
 
     def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.masters is None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for master, param in zip(self.masters, self.params):
+            master.grad = None if param.grad is None else param.grad.float()
+            param.grad = None
+        torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for master, param in zip(self.masters, self.params):
+                param.copy_(master)
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,7 +1,7 @@
 """dsembed-bench: speed and memory of dsembed against what users would pick instead.
 
-    dsembed-bench train   --model tiny smollm2 --batch-size 16 [--deepspeed] --output train.json
-    dsembed-bench encode  --model tiny smollm2 --num-texts 256 --batch-size 32 --output encode.json
+    dsembed-bench train   --model tiny smollm2 --batch-size 16 [--deepspeed] [--dtype float32,bfloat16] --output train.json
+    dsembed-bench encode  --model tiny smollm2 --num-texts 256 --batch-size 32 [--dtype float32,bfloat16] --output encode.json
     dsembed-bench memory  --model tiny smollm2 --batch-size 8 --output memory.json
     dsembed-bench cached  --model tiny --batch-sizes 32,64,128,256,512,1024 --chunk-size 32 --output cached.json
     dsembed-bench gpu     --shapes mistral-7b qwen2-0.5b --output gpu.json   (CUDA only; skipped otherwise)
@@ -30,6 +30,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _dtypes(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in ("float32", "bfloat16", "float16", "auto")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated dtypes among float32, bfloat16, float16, auto")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsembed-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,13 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--deepspeed", action="store_true",
-                   help="also time the step through dsembed.training.engine.Engine (DeepSpeed ZeRO-0, one rank)")
+                   help="also time the step through dsembed.training.engine.Engine (DeepSpeed ZeRO-2, one rank)")
+    s.add_argument("--dtype", type=_dtypes, default=["float32"], metavar="D1[,D2]",
+                   help="e.g. float32,bfloat16: every dtype side by side in one run, each against "
+                        "sentence-transformers in the same dtype (default: float32)")
     s = add("encode", "encode throughput vs SentenceTransformer.encode")
     s.add_argument("--num-texts", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--lora", action="store_true", help="both models with (unmerged) LoRA adapters")
+    s.add_argument("--dtype", type=_dtypes, default=["float32"], metavar="D1[,D2]",
+                   help="e.g. float32,bfloat16: every dtype side by side in one run (default: float32)")
     s = add("memory", "peak memory: multi-layer head (taps / output_hidden_states) vs last token")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--gradient-checkpointing", action="store_true")
@@ -109,16 +122,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     for model in getattr(args, "model", []):
         if args.command == "train":
             runs.append(throughput.bench_train(model, args.batch_size, args.max_length, args.repeats, warmup=args.warmup,
-                                               deepspeed=args.deepspeed))
+                                               deepspeed=args.deepspeed, dtypes=args.dtype))
         elif args.command == "encode":
             runs.append(throughput.bench_encode(model, args.num_texts, args.batch_size, args.max_length, args.repeats,
-                                                lora=args.lora, warmup=args.warmup))
+                                                lora=args.lora, warmup=args.warmup, dtypes=args.dtype))
         elif args.command == "memory":
             runs.append(memory.bench_memory(model, args.batch_size, args.max_length, args.gradient_checkpointing))
         elif args.command == "cached":
             runs.append(memory.bench_cached(model, args.batch_sizes, args.chunk_size, args.max_length, args.repeats))
     columns = {"train": throughput.TRAIN_COLUMNS, "encode": throughput.ENCODE_COLUMNS,
                "memory": memory.MEMORY_COLUMNS, "cached": memory.CACHED_COLUMNS}[args.command]
+    if args.command in ("train", "encode"):  # each dtype against the first one given
+        first = runs[0]["config"]["dtypes"][0] if runs else "float32"
+        columns = [c for c in columns if c != "vs float32"] + ([f"vs {first}"] if len(args.dtype) > 1 else [])
     return {"runs": runs, "rows": [row for run in runs for row in run["rows"]], "columns": columns}
 
 
@@ -179,6 +195,18 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio_at_256"):
             if run.get(key) is not None:
                 print(f"{run['config'].get('model', args.command)}: {key} = {run[key]:.3f}")
+        ratios = run.get("dtype_ratios", {})
+        for dtype, r in ratios.get("vs_st", {}).items():
+            if len(ratios["vs_st"]) > 1:
+                print(f"{run['config']['model']} {dtype}: dsembed / sentence-transformers = {r['median']:.3f} "
+                      f"(best-of {r['best_of']:.3f})")
+        first = run.get("config", {}).get("dtypes", [""])[0]
+        for dtype, per_impl in ratios.get("vs_first_dtype", {}).items():
+            for impl, r in per_impl.items():
+                print(f"{run['config']['model']} {impl}: {dtype} / {first} = {r['median']:.3f} (best-of {r['best_of']:.3f})")
+        for dtype, per_impl in run.get("min_cosine_to_first_dtype", {}).items():
+            print(f"{run['config']['model']}: min cosine {dtype} vs {first}: "
+                  + ", ".join(f"{impl} {c:.5f}" for impl, c in per_impl.items()))
         if "ratios" in run:
             for mode, r in run["ratios"].items():
                 print(f"{run['config']['model']} {mode}: multi-layer (taps) / last-token = {r['taps_vs_last_token']:.3f}, "

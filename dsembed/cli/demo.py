@@ -32,6 +32,33 @@ def check_installed() -> None:
         raise UserError(f"the demo needs {', '.join(missing)} (not installed): run `bash tools/install.sh`")
 
 
+def dtypes_used(out: Path, variants: list[str]) -> str:
+    """What the runs trained in (their recipe.yaml records the concrete dtype) and what the exported
+    backbones compute in (dsembed.json: a LoRA merge of a bf16 run is written in float32)."""
+    import json
+
+    import yaml
+
+    parts = []
+    for name in variants:
+        try:
+            trained = yaml.safe_load((out / "runs" / name / "recipe.yaml").read_text(encoding="utf-8"))["model"]["dtype"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            trained = "?"
+        try:
+            meta = json.loads((out / "models" / name / "dsembed.json").read_text(encoding="utf-8"))
+            backbone = meta.get("backbone_dtype", "?")
+        except (OSError, ValueError):
+            backbone = "?"
+        parts.append(f"{name} trained in {trained}, exported backbone {backbone}")
+    try:
+        base = json.loads((out / "results" / "base.json").read_text(encoding="utf-8"))["model"].get("dtype", "?")
+        parts.append(f"base evaluated in {base}")
+    except (OSError, ValueError, KeyError):
+        pass
+    return "dtype: " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsembed-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where runs, models, results and the report go (default: runs/demo)")
@@ -43,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every stage is one process: give it all cores (torch's default may count fewer), but respect the user's.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from dsembed.modeling.precision import resolve_dtype
     from dsembed.study.runner import StudyRunner, load_study
 
     study, root = load_study(args.study)
@@ -50,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(study.variants)
     print(f"[demo] SmolLM2-135M on CPU ({os.environ['OMP_NUM_THREADS']} threads): train {names}; evaluate them and the "
           f"untrained base on the demo tasks; output in {out}", flush=True)
+    print(f"[demo] {resolve_dtype('auto', 'cpu').line()}", flush=True)  # what the recipes' model.dtype: auto picks here
     start = time.perf_counter()
     report = StudyRunner(study, root, out).run()
     print("\n" + (report / "report.md").read_text(encoding="utf-8"), flush=True)
-    print(f"[demo] finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    print(f"[demo] finished in {(time.perf_counter() - start) / 60:.1f} min; {dtypes_used(out, list(study.variants))}", flush=True)
     print(f"[demo] report: {report / 'report.md'}; plots: {', '.join(str(p) for p in sorted(report.glob('*.png')))}")
     for name in study.variants:
         print(f"[demo] TensorBoard logs of {name}: {out / 'runs' / name / 'tensorboard'}")

@@ -224,6 +224,10 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(recipe_path, args.override) if recipe_path.is_file() else None
     if args.base and recipe is None:
         raise UserError(f"recipe {args.base} does not exist")
+    if recipe is not None:  # model.dtype: auto -> the dtype this device computes natively (one printed line)
+        from dsembed.modeling.precision import resolve_recipe
+
+        recipe = resolve_recipe(recipe, device=args.device)
     eval_cfg = recipe.eval if recipe is not None else None
     names = args.tasks or ([] if args.tasks_dir or eval_cfg is None else list(eval_cfg.tasks))
     tasks_dir = args.tasks_dir or (str(recipe.resolve_path(eval_cfg.tasks_dir))
@@ -357,7 +361,8 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     if recipe is not None:
         # train_seed: results of one variant trained with several seeds are told apart (and
         # averaged per dataset) by dsembed-compare
-        info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode, train_seed=recipe.train.seed)
+        info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode, train_seed=recipe.train.seed,
+                    dtype=recipe.model.dtype)
     info["fingerprint"] = job["store"].model
     results["model"] = info
     results["mteb_version"] = mteb.__version__

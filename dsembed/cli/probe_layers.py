@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if recipe is not None:
         from dsembed.modeling.model import build_model
+        from dsembed.modeling.precision import resolve_recipe
 
+        recipe = resolve_recipe(recipe, device=device)  # auto: bf16 where this device computes it natively
         model = build_model(recipe, attn_fallback=True).to(device).eval()  # GPU recipes probe on CPU machines too
     else:
         from dsembed.modeling.model import EmbeddingModel

@@ -28,8 +28,8 @@ from torch import nn
 from dsembed.config import ModelConfig
 from dsembed.errors import RecipeError
 from dsembed.modeling.files import GGUF_FIX, LOCAL_FIX, check_model_files, hub_fix, reading
+from dsembed.modeling.precision import DTYPES, torch_dtype  # noqa: F401 - DTYPES is public here too
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_PATHS = ("layers", "h", "decoder.layers", "model.layers", "transformer.h")
 _NORM_PATHS = ("norm", "ln_f", "final_layernorm", "model.norm", "transformer.ln_f")
 
@@ -51,7 +51,7 @@ def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None,
             failing: for CPU-side tools (export, evaluation) of GPU-trained runs, never for training.
 
     Returns:
-        (model, tokenizer): the model in `model_cfg.dtype` with `model_cfg.attn_implementation`,
+        (model, tokenizer): the model in `model_cfg.dtype` (auto: see dsembed.modeling.precision) with `model_cfg.attn_implementation`,
         in train mode as transformers leaves it; the tokenizer with a pad token.
 
     Raises:
@@ -65,7 +65,7 @@ def load_backbone(model_cfg: ModelConfig, base_dir: Path | None = None,
     else:
         _check_attn(model_cfg.attn_implementation)
         impl = model_cfg.attn_implementation
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = torch_dtype(model_cfg.dtype)  # `auto` is resolved by the entry point; silently here otherwise
     kwargs = {"dtype": dtype, "attn_implementation": impl}
     if model_cfg.random_init is not None:
         spec = dict(model_cfg.random_init)

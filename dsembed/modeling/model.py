@@ -42,6 +42,7 @@ from dsembed.modeling.files import EXPORTED_FIX, check_exported_files, reading
 from dsembed.modeling.backbone import DTYPES, available_attn_implementation, load_backbone, num_decoder_layers, unwrap
 from dsembed.modeling.layers import LayerTaps
 from dsembed.modeling.pooling import Pooler, build_pooler
+from dsembed.modeling.precision import resolve_recipe, torch_dtype
 from dsembed.modeling.tokenization import pad_id, pad_token_ids, token_ids, tokenize_texts
 from dsembed.modeling.weights import DTYPE_NAMES, merged_dtype, plain_state_dict, quiet_peft, set_config_dtype
 
@@ -285,7 +286,7 @@ class EmbeddingModel(nn.Module):
         except RecipeError as err:
             raise CheckpointError(f"{err} (a damaged recipe.yaml, or one from another dsembed version: copy the model "
                                   "folder again or re-export it with dsembed-consolidate)") from None
-        dtype = DTYPES.get(meta.get("backbone_dtype", ""), DTYPES[recipe.model.dtype])
+        dtype = DTYPES.get(meta.get("backbone_dtype", ""), torch_dtype(recipe.model.dtype))
         impl = available_attn_implementation(recipe.model.attn_implementation, dtype, device)
         with reading(src, EXPORTED_FIX):  # what the checks above cannot see (a tensor body, tokenizer.model)
             backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
@@ -298,7 +299,7 @@ class EmbeddingModel(nn.Module):
             state = load_file(str(src / "pooler.safetensors"))
         set_attention_mode(backbone, recipe.attention.mode)
         hidden, depth = int(unwrap(backbone).config.hidden_size), num_decoder_layers(backbone)
-        pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
+        pooler = build_pooler(recipe.pooling, hidden, depth, dtype=torch_dtype(recipe.model.dtype))
         try:
             pooler.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -333,7 +334,8 @@ def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: boo
     loading (outside zero.Init) and the head initialises itself in its constructor.
 
     Args:
-        recipe: the resolved recipe.
+        recipe: the resolved recipe; a `model.dtype: auto` the caller left is resolved here (one
+            printed line), so the model's recipe always holds the concrete dtype.
         base_dir: folder relative model paths resolve against (default: the recipe's folder).
         attn_fallback: sdpa where flash-attn is not installed (CPU-side tools; see load_backbone).
 
@@ -343,6 +345,7 @@ def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: boo
     Raises:
         RecipeError: bad source, architecture, layer selection or LoRA targets.
     """
+    recipe = resolve_recipe(recipe)  # entry points resolve `auto` first; a raw recipe prints its line here
     where = recipe.source or "<recipe>"
     if base_dir is None and recipe.source:
         base_dir = Path(recipe.source).parent
@@ -361,7 +364,7 @@ def build_model(recipe: Recipe, base_dir: Path | None = None, attn_fallback: boo
         # non-reentrant checkpointing needs no enable_input_require_grads() for frozen embeddings
         backbone = _apply_lora(backbone, recipe)
     hidden = int(unwrap(backbone).config.hidden_size)
-    pooler = build_pooler(recipe.pooling, hidden, depth, dtype=DTYPES[recipe.model.dtype])
+    pooler = build_pooler(recipe.pooling, hidden, depth, dtype=torch_dtype(recipe.model.dtype))
     return EmbeddingModel(backbone, pooler, tokenizer, recipe)
 
 

@@ -268,7 +268,9 @@ class StudyRunner:
             trained = recipe_fingerprint(recipe)
             partial = None
             if not (run_dir / "TRAINED").exists() and (run_dir / "recipe.yaml").is_file():
-                begun = recipe_fingerprint(load_recipe(run_dir / "recipe.yaml"))
+                # the run directory records what model.dtype: auto resolved to, and a resume keeps it
+                auto = ["model.dtype=auto"] if recipe.model.dtype == "auto" else []
+                begun = recipe_fingerprint(load_recipe(run_dir / "recipe.yaml", auto))
                 partial = {**begun, "model": trained["model"]}  # what a resume would mix with
             stages[f"train {name}"] = {"output": run_dir / "TRAINED", "fingerprint": trained, "partial": partial,
                                        "remove": [run_dir]}

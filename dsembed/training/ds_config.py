@@ -87,6 +87,10 @@ def build_ds_config(recipe: Recipe, hidden_size: int | None = None) -> dict[str,
     elif zero.get("stage", 0) != stage:
         raise RecipeError(f"{where}: deepspeed.template {path.name} has stage {zero.get('stage', 0)} but deepspeed.zero_stage = {stage} (make them agree)")
     dtype = recipe.model.dtype
+    if dtype == "auto":  # the trainer resolves it first; resolving again gives the same answer
+        from dsembed.modeling.precision import resolve_dtype
+
+        dtype = resolve_dtype(dtype).dtype
     fills = {
         "train_micro_batch_size_per_gpu": recipe.train.micro_batch_size,
         "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,

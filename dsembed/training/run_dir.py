@@ -10,12 +10,15 @@ checkpoints themselves are written and read by dsembed.training.engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
+
+import yaml
 
 
 from dsembed import distributed as dist
@@ -67,6 +70,40 @@ def check_run_dir(recipe: Recipe) -> str | None:
         raise RecipeError(f"{recipe.source or '<recipe>'}: train.output_dir {recipe.train.output_dir} already holds {held} "
                           "and train.resume is never (set train.overwrite=true, train.resume=auto or another output_dir)")
     return latest_tag(folder) if checkpoints else None
+
+
+def run_dtype(recipe: Recipe, resume_tag: str | None) -> Recipe:
+    """The recipe with a concrete `model.dtype`, decided once per run (the printed line on rank 0).
+
+    A resumed run keeps the dtype it trained in (the run directory's recipe.yaml records the
+    concrete dtype), so `auto` on another machine still resumes exactly; a new run resolves `auto`
+    for this machine (dsembed.modeling.precision).
+
+    Raises:
+        RecipeError: resuming with an explicit dtype other than the one the run trained in.
+    """
+    from dsembed.modeling.precision import AUTO, resolve_recipe
+
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if dist.is_main() else (lambda line: None)
+    earlier = _recorded_dtype(Path(recipe.train.output_dir) / "recipe.yaml") if resume_tag is not None else None
+    if earlier in (None, AUTO):
+        return resolve_recipe(recipe, say=say)
+    asked = recipe.model.dtype
+    if asked == AUTO:
+        say(f"dtype: auto -> {earlier} (resuming {recipe.train.output_dir}, which trained in {earlier})")
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=earlier))
+    if asked != earlier:
+        raise RecipeError(f"{recipe.source or '<recipe>'}: model.dtype = {asked} but the run in {recipe.train.output_dir} "
+                          f"trained in {earlier} (resume with model.dtype={earlier} or auto, or set train.overwrite=true)")
+    return recipe
+
+
+def _recorded_dtype(path: Path) -> str | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return str(data["model"]["dtype"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 def check_shared_run_dir(recipe: Recipe) -> None:

@@ -47,7 +47,7 @@ from dsembed.testhooks import TestHooks
 from dsembed.training.gradcache import BatchStats, cached_backward, plain_backward
 from dsembed.training.loss import LossOptions
 from dsembed.training.run_dir import (STEP_DIR, check_run_dir, checkpoint_dir, drop_logs_after, latest_tag,
-                                      prepare_run_dir, steps_to_prune, verify_resume)
+                                      prepare_run_dir, run_dtype, steps_to_prune, verify_resume)
 
 
 def _periodic_eval(recipe: Recipe) -> Any:
@@ -85,9 +85,11 @@ class Trainer:
         from dsembed.training.engine import Engine, init_distributed
         from dsembed.modeling import build_model
 
-        self.recipe = recipe
-        train = recipe.train
         self.resume_tag = check_run_dir(recipe)
+        # model.dtype: auto becomes the concrete dtype here, once: the run directory, checkpoints and
+        # exports record it, and a resumed run keeps the one it trained in
+        self.recipe = recipe = run_dtype(recipe, self.resume_tag)
+        train = recipe.train
         self.examples = load_examples(recipe)
         self.rank, self.world = dist.rank(), dist.world_size()
         by_source = recipe.data.batching == "by_source"

@@ -61,3 +61,6 @@ def test_demo_command_resumes_a_finished_study_and_prints_the_table(tiny_study):
     assert "| model5" in proc.stdout or "model5 |" in proc.stdout or "**model5" in proc.stdout
     assert str(out / "runs" / "model1" / "tensorboard") in proc.stdout
     assert "category_means.png" in proc.stdout
+    # the dtype: what `auto` picks on this machine, then what each run trained in (its recipe.yaml)
+    assert "[demo] dtype: auto -> " in proc.stdout
+    assert "model1 trained in float32, exported backbone float32" in proc.stdout  # the tiny recipe says float32

@@ -39,11 +39,13 @@ VARIANTS = {  # ZeRO-2 first: see train_variants.py
     "model5": [],
     # bf16 at the paper's lr: each LoRA delta is far below the bf16 resolution of its weight
     "model1-bf16": ["pooling={type: last_token}", "attention.mode=causal", "model.dtype=bfloat16", "optim.lr=1.0e-5"],
+    # full fine-tuning in bf16: nothing to merge, the backbone is written (and computes) in bf16 as trained
+    "model5-full-bf16": ["model.dtype=bfloat16", "lora.enabled=false", "optim.lr=1.0e-4"],
 }
 EXPECTED = {"model1-zero2": ("causal", "last_token"), "model1": ("causal", "last_token"),
             "model2": ("causal", "latent_attention"), "model3": ("causal", "multi_layer_attention"),
             "model4": ("bidirectional", "latent_attention"), "model5": ("bidirectional", "multi_layer_attention"),
-            "model1-bf16": ("causal", "last_token")}
+            "model1-bf16": ("causal", "last_token"), "model5-full-bf16": ("bidirectional", "multi_layer_attention")}
 COSINE = 0.99999
 # the live bf16 engine computes in bf16, the float32 export does not: they agree up to bf16 arithmetic noise
 COSINE_BF16 = 0.9999
@@ -99,6 +101,7 @@ def exported(runs: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_export_matches_live_engine_and_sentence_transformers(runs: Path, exported: dict[str, Path], name: str) -> None:
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from dsembed import EmbeddingModel
@@ -126,7 +129,9 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
     np.testing.assert_allclose(np.linalg.norm(st_docs, axis=1), 1.0, atol=1e-5)  # normalised once
 
     meta = json.loads((folder / "dsembed.json").read_text())
-    assert (meta["attention"], meta["pooling"], meta["lora"]) == (attention, pooling, "merged")
+    assert (meta["attention"], meta["pooling"], meta["lora"]) == (attention, pooling, "none" if "full" in name else "merged")
+    assert meta["backbone_dtype"] == ("bfloat16" if "full-bf16" in name else "float32")
+    assert {p.dtype for p in model.pooler.parameters()} <= {torch.bfloat16 if name.endswith("bf16") else torch.float32}
     card = (folder / "README.md").read_text()
     assert f"| attention | {attention} |" in card and f"| pooling | {pooling} |" in card and "| steps | 2 " in card
     assert "synthetic:512" in card
@@ -136,7 +141,7 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
 
         acc = EventAccumulator(str(runs / name / "run" / "tensorboard"), size_guidance={"scalars": 0})
         acc.Reload()
-        rows = model.pooler.layer_weights.detach().norm(dim=-1)  # [K]
+        rows = model.pooler.layer_weights.detach().float().norm(dim=-1)  # [K] (a bf16 W: its norm in float32, as logged)
         assert len(rows) == 4 and rows.min() > 1.0  # the paper's N(0, 1) init (row norm ~ sqrt(64)), not zeros
         for index, norm in zip(model.pooler.tapped_layers, rows.tolist()):
             logged = acc.Scalars(f"layer_weights/norm/layer_{index}")[-1]

@@ -40,6 +40,29 @@ def test_train_and_encode(tmp_path):
     assert -1.0 <= run["min_cosine_dsembed_vs_st"] <= 1.0 + 1e-5
 
 
+def test_train_and_encode_side_by_side_in_two_dtypes(tmp_path, capsys):
+    """--dtype float32,bfloat16: both dtypes and both implementations in one interleaved run."""
+    data = _run(tmp_path, "train", "--model", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                "--dtype", "float32,bfloat16")
+    run = data["runs"][0]
+    names = {f"{impl} {d}" for impl in ("dsembed", "sentence-transformers") for d in ("float32", "bfloat16")}
+    assert set(run["results"]) == names and run["config"]["dtypes"] == ["float32", "bfloat16"]
+    ratios = run["dtype_ratios"]
+    assert set(ratios["vs_st"]) == {"float32", "bfloat16"} and set(ratios["vs_first_dtype"]) == {"bfloat16"}
+    assert all(r["median"] > 0 for r in ratios["vs_first_dtype"]["bfloat16"].values())
+    assert {r["dtype"] for r in data["rows"]} == {"float32", "bfloat16"} and "vs float32" in data["rows"][-1]
+    assert all(len(run["results"][n]["losses"]) == 1 for n in names)
+    assert "dsembed: bfloat16 / float32 = " in capsys.readouterr().out
+
+    data = _run(tmp_path, "encode", "--model", "tiny", "--num-texts", "8", "--batch-size", "4", "--repeats", "1",
+                "--warmup", "0", "--dtype", "float32,bfloat16")
+    run = data["runs"][0]
+    assert set(run["results"]) == names
+    cos = run["min_cosine_to_first_dtype"]["bfloat16"]
+    assert cos["dsembed"] >= 0.99 and cos["sentence-transformers"] >= 0.99  # the same weights, rounded to bf16
+    assert data["machine"]["auto_dtype_cpu"].startswith("dtype: auto -> ")
+
+
 def test_memory_and_cached(tmp_path):
     data = _run(tmp_path, "memory", "--model", "tiny", "--batch-size", "2")
     run = data["runs"][0]
