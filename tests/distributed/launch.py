@@ -79,3 +79,20 @@ def write_sts_task(root: Path, name: str = "TinySTS", pairs: int = 16) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return root
+
+
+def spawn_ranks(worker, world: int) -> dict:
+    """Run `worker(rank, port, results)` in `world` spawned processes (gloo on a free local port) and
+    return what each rank put into `results` (a shared dict)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.get_context("spawn").Manager()
+    try:
+        results = manager.dict()
+        mp.spawn(worker, args=(port, results), nprocs=world, join=True)
+        return dict(results)
+    finally:
+        manager.shutdown()

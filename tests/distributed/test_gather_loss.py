@@ -6,23 +6,17 @@ DeepSpeed does. That must equal one process computing InfoNCE over the global ba
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dsembed import distributed
+from tests.distributed.launch import spawn_ranks
 from dsembed.training.loss import info_nce
 
 WORLD, B_LOCAL, NEG, DIM_IN, DIM, TAU = 2, 3, 2, 12, 8, 0.05
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _inputs():
@@ -77,13 +71,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_results():
-    manager = mp.get_context("spawn").Manager()
-    try:
-        results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
-        return dict(results)
-    finally:
-        manager.shutdown()
+    return spawn_ranks(_worker, WORLD)
 
 
 @pytest.fixture(scope="module")

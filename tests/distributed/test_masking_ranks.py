@@ -9,14 +9,13 @@ computing the plain step on the whole batch.
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dsembed import distributed
+from tests.distributed.launch import spawn_ranks
 from dsembed.data.batches import text_keys
 from dsembed.training.gradcache import cached_backward, plain_backward
 from dsembed.training.loss import LossOptions
@@ -79,11 +78,6 @@ def _run(rows: list[int], cached: bool, gather: bool):
     return stats, {n: p.grad.clone() for n, p in engine.module.named_parameters()}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _worker(rank: int, port: int, results: dict) -> None:
     import torch.distributed as dist
@@ -105,13 +99,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    manager = mp.get_context("spawn").Manager()
-    try:
-        results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
-        return dict(results)
-    finally:
-        manager.shutdown()
+    return spawn_ranks(_worker, WORLD)
 
 
 def _max_diff(a: dict, b: dict) -> float:
