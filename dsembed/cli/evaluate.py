@@ -15,17 +15,16 @@ every rank embeds a share of each task's texts and rank 0 scores with mteb
 Resume: each task's result is written to OUTPUT's `<stem>.tasks/` folder as soon as it is scored; the
 same command run again skips the tasks finished for the same model weights and settings (and says
 so), `--overwrite` recomputes them (dsembed.evaluation.resume).
-mteb's layout: `--results-dir DIR` also writes DIR/results/dsembed__<name>/<revision>/<Task>.json
-(+ model_meta.json) with mteb's ResultCache, readable by `mteb.TaskResult.from_disk` and
-`mteb.cache.ResultCache(DIR).load_results()`; the revision is the weights' fingerprint.
-An exported model's README.md (model card) gets the scores: the hub's model-index metadata and a
-results table (the main scores of every evaluation so far are kept in MODEL_DIR/eval_results.json).
+mteb's layout: `--results-dir DIR` also writes DIR/results/dsembed__<name>/<revision>/<Task>.json with
+mteb's ResultCache (revision: the weights' fingerprint). An exported model's README.md gets the scores
+(model-index metadata and a table; every evaluation's main scores are kept in MODEL_DIR/eval_results.json).
 
 --truncate-dim D scores the first D coordinates of every embedding, re-normalised (a Matryoshka size
 of loss.matryoshka_dims); the name gets "-dD" and the fingerprint the size, so sizes resume apart.
 
 Results JSON (format "dsembed-eval/1"):
-  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint"}, "mteb_version",
+  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint",
+             "dtype" (what the backbone computed in), "trained_dtype" (exported models)}, "mteb_version",
    "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks", "truncate_dim"},
    "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
    "layer_weights": {"layers": [int], "norms": [float]} | null,
@@ -39,9 +38,8 @@ Results JSON (format "dsembed-eval/1"):
   CHANCE: the score of a no-information model at the task's limit (dsembed.evaluation.chance):
          {"score", "method", "subsets": {subset: score}, "n_items"}; classification adds
          "random_embeddings" (mteb's classifier on random vectors), "n_labels", "train_per_label";
-         clustering "draws", "n_labels"; retrieval "candidates"; STS "gold_values". mteb's files
-         carry it as "dsembed_chance" in each subset's scores. A task finished by an earlier run
-         without it gets it when the run resumes (no model needed).
+         clustering "draws", "n_labels"; retrieval "candidates"; STS "gold_values"; in mteb's files
+         "dsembed_chance" in each subset's scores.
 """
 from __future__ import annotations
 
@@ -101,15 +99,8 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 def _without_nproc(argv: list[str]) -> list[str]:
     """The command line minus --nproc (the ranks it starts must not start ranks themselves)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+    return [arg for i, arg in enumerate(argv)
+            if arg != "--nproc" and not arg.startswith("--nproc=") and not (i and argv[i - 1] == "--nproc")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +135,15 @@ def _serve(args: argparse.Namespace) -> int:
     model = _load_model(args, plan["recipe"], ranks.rank_device(args.device))
     ranks.serve(model)
     return 0
+
+
+def _compute_dtype(args: argparse.Namespace, recipe) -> str:
+    """The dtype the backbone computes in, as `EmbeddingModel.load` picks it: an exported folder's
+    backbone_dtype (float32 for a LoRA merge, whatever the run trained in), else the recipe's."""
+    if args.model_dir:
+        meta = json.loads((Path(args.model_dir) / "dsembed.json").read_text(encoding="utf-8"))
+        return str(meta.get("backbone_dtype") or recipe.model.dtype)
+    return str(recipe.model.dtype)
 
 
 def _load_model(args: argparse.Namespace, recipe, device: str):
@@ -362,7 +362,9 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
         # train_seed: results of one variant trained with several seeds are told apart (and
         # averaged per dataset) by dsembed-compare
         info.update(pooling=recipe.pooling.type, attention=recipe.attention.mode, train_seed=recipe.train.seed,
-                    dtype=recipe.model.dtype)
+                    dtype=_compute_dtype(args, recipe))
+        if args.model_dir:
+            info["trained_dtype"] = recipe.model.dtype  # a bf16 run's LoRA merge is exported (and computes) in float32
     info["fingerprint"] = job["store"].model
     results["model"] = info
     results["mteb_version"] = mteb.__version__

@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun-stale", action="store_true",
                         help="redo finished stages whose recipe, overrides, input model or evaluation settings changed "
                              "(default: name them and exit with code 2)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="another study's output folder: copy its finished stages that were made from the same "
+                             "recipe, inputs and settings instead of running them; repeatable")
     parser.add_argument("--nnodes", type=int, help="nodes per training run (launcher deepspeed; overrides the study's nnodes)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile naming the nodes (overrides the study's hostfile)")
     parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         plan(study, root, Path(args.output_dir) if args.output_dir else None)
         return 0
-    report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale).run()
+    report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale, reuse=args.reuse).run()
     print(f"[study {study.name}] report: {report}/report.md", flush=True)
     return 0
 

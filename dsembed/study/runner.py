@@ -33,7 +33,7 @@ from dsembed.config import load_recipe
 from dsembed.recipe_rules import validate
 from dsembed.errors import RecipeError, UserError
 from dsembed.strict import from_dict, read_yaml_mapping
-from dsembed.study.stages import StageLedger, changes as _changes, recipe_fingerprint
+from dsembed.study.stages import StageLedger, changes as _changes, recipe_fingerprint, reuse_finished
 
 BASE_NAME = "base"
 
@@ -198,12 +198,17 @@ def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root:
 class StudyRunner:
     """Runs the stages of one study in order, skipping what is already done."""
 
-    def __init__(self, study: StudyConfig, root: Path, out: Path | None = None, rerun_stale: bool = False) -> None:
+    def __init__(self, study: StudyConfig, root: Path, out: Path | None = None, rerun_stale: bool = False,
+                 reuse: list[Path] | None = None) -> None:
         self.study = study
         self.root = root
         out_dir = Path(out or study.output_dir)
         self.out = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
         self.rerun_stale = rerun_stale
+        self.reuse = [Path(p).resolve() for p in reuse or []]  # other studies' output folders
+        for source in self.reuse:  # before anything is written
+            if not (source / "stages.json").is_file():
+                raise UserError(f"--reuse {source}: no stages.json there (give the --output-dir of a study that ran)")
 
     def _run(self, label: str, command: list[str]) -> None:
         print(f"[study {self.study.name}] {label}: {shlex.join(command)}", flush=True)
@@ -340,6 +345,7 @@ class StudyRunner:
         tasks = self.tasks_arguments()
         for sub in ("runs", "models", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
+        reuse_finished(stages, out, ledger, self.reuse, lambda line: print(f"[study {study.name}] {line}", flush=True))
         runs = training_runs(study)
 
         def stage(key: str, label: str, done: str, command: list[str]) -> None:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dsembed.atomic import write_text_atomic
 from dsembed.config import Recipe
@@ -128,3 +130,68 @@ class StageLedger:
 def _plain(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """JSON round trip, so tuples and lists compare equal to what was read back from disk."""
     return json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
+def reuse_finished(stages: dict[str, dict[str, Any]], out: Path, ledger: StageLedger, sources: list[Path],
+                   say: Callable[[str], None]) -> list[str]:
+    """Copy stages another study already finished from the same inputs, instead of running them.
+
+    Studies share runs: the ablation study's model1 is the paper study's model1, and a feature study
+    compares against the same seed-0 runs. A stage is taken from a source output folder when it is
+    not done here (none of its files exist), the source's ledger records the same stage label with
+    a fingerprint equal to the one this study would make, and the source holds its output. Its
+    files (and an evaluation's per-task store) are copied under a temporary name and renamed, and
+    the fingerprint is recorded here, so a later change of settings makes the copy stale as usual.
+
+    Args:
+        stages: label -> {"output", "fingerprint", "remove": the stage's files} (StudyRunner._stages).
+        out: this study's output folder (the stage paths are inside it).
+        ledger: this study's ledger.
+        sources: other studies' output folders, tried in order.
+        say: prints one line per reused stage.
+
+    Returns:
+        The labels reused.
+
+    Raises:
+        UserError: a source folder without a stages.json (not a study output folder).
+    """
+    from dsembed.errors import UserError
+
+    for source in sources:
+        if not (source / LEDGER).is_file():
+            raise UserError(f"--reuse {source}: no {LEDGER} there (give the --output-dir of a study that ran)")
+    reused: list[str] = []
+    for label, entry in stages.items():
+        files = list(entry["remove"])  # an evaluation's results JSON comes with its per-task store
+        files += [path.with_suffix(".tasks") for path in entry["remove"] if path.suffix == ".json"]
+        if any(p.exists() for p in files):
+            continue
+        for source in sources:
+            recorded = StageLedger(source).entries.get(label)
+            if recorded is None or changes(recorded, _plain(entry["fingerprint"])):
+                continue
+            if not (source / entry["output"].relative_to(out)).exists():
+                continue
+            for path in files:
+                _copy_atomic(source / path.relative_to(out), path)
+            ledger.record(label, entry["fingerprint"])
+            say(f"{label}: reused from {source} (made from the same recipe, inputs and settings)")
+            reused.append(label)
+            break
+    return reused
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file or folder to dst through a temporary sibling: no half-copied output."""
+    if not src.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.reusing")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    if src.is_dir():
+        shutil.copytree(src, tmp, symlinks=True)
+    else:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)

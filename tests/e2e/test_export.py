@@ -296,6 +296,14 @@ def test_mteb_evaluates_the_exported_folder(runs: Path, exported: dict[str, Path
     assert f"| TinySTS | sts | cosine_spearman | {100 * ours['main_score']:.2f} |" in card
     assert card.count("## Evaluation") == 1 and "trust_remote_code=True" in card  # the portable module's usage
 
+    # a bf16 run's export computes in float32 (its LoRA merge is kept in float32): the results say so
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert evaluate_main([str(exported["model1-bf16"]), "--tasks-dir", str(tmp_path / "tasks"), "--no-progress",
+                              "--output", str(tmp_path / "bf16.json")]) == 0
+    recorded = json.loads((tmp_path / "bf16.json").read_text())["model"]
+    assert (recorded["dtype"], recorded["trained_dtype"]) == ("float32", "bfloat16")
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["dtype"] == "float32"
+
 
 def test_damaged_or_unfinished_checkpoints_are_refused(runs: Path, tmp_path: Path) -> None:
     import shutil

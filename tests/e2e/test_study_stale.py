@@ -3,7 +3,8 @@
 A two-variant study of the tiny model (one process each, 2 steps, a local STS task) runs to the
 end; then variant b's overrides change. The runner names the stale stages (train, export and
 evaluate of b, nothing of a) and exits 2 without touching anything; with --rerun-stale it
-retrains and re-evaluates b only.
+retrains and re-evaluates b only. A second study in another folder with `--reuse` takes a's
+stages from the first (same recipe and settings) and runs only what differs.
 """
 from __future__ import annotations
 
@@ -70,3 +71,21 @@ def test_changed_variant_is_named_then_redone_with_rerun_stale(tmp_path: Path) -
 
     again = _run(tmp_path)  # current again: nothing stale, nothing retrained
     assert again.returncode == 0 and "(2/2) b: trained already" in again.stdout, again.stderr[-2000:]
+
+    # another study sharing variant a: --reuse copies a's finished stages, runs only c
+    bad = _run(tmp_path, "--output-dir", "out2", "--reuse", "nowhere")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --reuse"), bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr and not (tmp_path / "out2").exists()
+    _study(tmp_path, variants={"a": STUDY["variants"]["a"], "c": STUDY["variants"]["b"]},
+           variant_overrides={"a": ["pooling={type: last_token}"], "c": ["optim.lr=5.0e-4"]})
+    shared = _run(tmp_path, "--output-dir", "out2", "--reuse", "out")
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
+    for stage in ("train a", "export a", "evaluate a"):
+        assert f"{stage}: reused from {out}" in shared.stdout, shared.stdout[-3000:]
+    assert "c: reused" not in shared.stdout and "(2/2) c: train:" in shared.stdout and ": a: train:" not in shared.stdout
+    out2 = tmp_path / "out2"
+    assert (out2 / "results" / "a.json").read_bytes() == (out / "results" / "a.json").read_bytes()
+    assert (out2 / "models" / "a" / "dsembed.json").is_file() and (out2 / "runs" / "a" / "TRAINED").is_file()
+    assert sorted(json.loads((out2 / "stages.json").read_text())) == sorted([
+        "evaluate a", "evaluate c", "export a", "export c", "train a", "train c"])
+    assert not list(out2.rglob(".*.reusing"))

@@ -15,8 +15,19 @@ REPO = Path(__file__).resolve().parents[2]
 STUDIES = sorted((REPO / "recipes").rglob("studies/*.yaml"))
 
 
+def _files_written_before_the_study(path: Path) -> list[str]:
+    """Data files a study's variant_overrides name that a command writes first (the mined
+    negatives of features-smollm2: `dsembed-mine ... --output runs/mined/...`)."""
+    text = path.read_text()
+    return re.findall(r"data\.train=\[(runs/[^\]]+\.jsonl)\]", text)
+
+
 @pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
-def test_every_study_file_loads(path):
+def test_every_study_file_loads(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # such files are relative to where the study is launched
+    for name in _files_written_before_the_study(path):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('{"query": "q", "positive": "p", "negative": "n"}\n')
     study, root = load_study(path)
     assert study.variants and root == path.parent
     for name, recipe in study.variants.items():
@@ -98,3 +109,35 @@ def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(t
     assert probe[2] == "dsembed.cli.probe_layers" and probe[3].endswith("paper/smollm2-135m/model1.yaml")
     assert f"--override=data.train=[{rows}]" in probe and probe[probe.index("--output-dir") + 1] == str(tmp_path / "out" / "probe")
     assert f"NFCorpus={study.eval_limits['NFCorpus']}" in probe
+
+
+def test_feature_study_changes_one_thing_per_variant_after_the_data_override(tmp_path, monkeypatch):
+    from dsembed.config import load_recipe
+    from dsembed.study.runner import _overrides, _recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    rows = tmp_path / "x.jsonl"
+    rows.write_text('{"query": "q", "positive": "p", "negative": "n"}\n')
+    (tmp_path / "runs" / "mined").mkdir(parents=True)
+    (tmp_path / "runs" / "mined" / "paper-model1-s0.jsonl").write_text(rows.read_text())
+    study, root = load_study(REPO / "recipes" / "studies" / "features-smollm2.yaml",
+                             overrides=[f"data.train=[{rows}]"], tasks_dir=str(tmp_path))
+    paper, _ = load_study(REPO / "recipes" / "studies" / "paper-smollm2.yaml")
+    assert study.seeds == [0] and (study.eval_limit, study.eval_limits) == (paper.eval_limit, paper.eval_limits)
+
+    def recipe(name):
+        return load_recipe(_recipe_path(study, root, name), _overrides(study, name, 0)).to_dict()
+
+    for model in ("model1", "model5"):
+        own = recipe(model)
+        assert own["data"]["train"] == [str(rows)] and own["data"]["num_negatives"] == 1
+        assert recipe(f"{model}-inbatch")["data"]["num_negatives"] == 0
+        assert recipe(f"{model}-bysource")["data"]["batching"] == "by_source"
+        mined = recipe(f"{model}-mined")  # the variant's own data.train comes after the study's override
+        assert mined["data"]["train"] == ["runs/mined/paper-model1-s0.jsonl"]
+        for variant, key in (("inbatch", "num_negatives"), ("bysource", "batching"), ("mined", "train")):
+            other = recipe(f"{model}-{variant}")
+            changed = {f"{part}.{k}" for part in own if isinstance(own[part], dict)
+                       for k in own[part] if own[part][k] != other[part][k] and k != "output_dir"}
+            assert changed == {f"data.{key}"}, (variant, changed)
+    assert recipe("model1-mrl")["loss"]["matryoshka_dims"] == [64, 128, 256, 576]
