@@ -10,6 +10,7 @@ stages are recognised by what they leave behind.
     <output_dir>/results/<name>.json    evaluation results, `base` for the untrained backbone
     <output_dir>/report/                comparison table, CSV/JSON, plots
     <output_dir>/stages.json            what each finished stage was made from (dsembed.study.stages)
+    <output_dir>/stage-times.json       each stage's wall time, CPU and threads (report/stage-times.md)
 
 A finished stage whose inputs changed since (recipe, overrides, input model, evaluation settings) is
 not reused: the runner names it and stops with exit code 2, or redoes it with `rerun_stale`.
@@ -33,7 +34,8 @@ from dsembed.config import load_recipe
 from dsembed.recipe_rules import validate
 from dsembed.errors import RecipeError, UserError
 from dsembed.strict import from_dict, read_yaml_mapping
-from dsembed.study.stages import StageLedger, changes as _changes, recipe_fingerprint, reuse_finished
+from dsembed.atomic import write_text_atomic
+from dsembed.study.stages import StageLedger, changes as _changes, recipe_fingerprint, record_time, reuse_finished, times_table
 
 BASE_NAME = "base"
 
@@ -210,7 +212,8 @@ class StudyRunner:
             if not (source / "stages.json").is_file():
                 raise UserError(f"--reuse {source}: no stages.json there (give the --output-dir of a study that ran)")
 
-    def _run(self, label: str, command: list[str]) -> None:
+    def _run(self, label: str, command: list[str], key: str | None = None) -> None:
+        """Run one stage's command; `key` (the stage label) records its wall time in stage-times.json."""
         print(f"[study {self.study.name}] {label}: {shlex.join(command)}", flush=True)
         start = time.perf_counter()
         env = dict(os.environ)
@@ -218,7 +221,9 @@ class StudyRunner:
         result = subprocess.run(command, env=env)
         if result.returncode != 0:
             raise UserError(f"study {self.study.name}: {label} failed (exit {result.returncode}); fix the cause above and run the study again to resume")
-        print(f"[study {self.study.name}] {label}: done in {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        record_time(self.out, key or label, seconds, threads=env["OMP_NUM_THREADS"])
+        print(f"[study {self.study.name}] {label}: done in {seconds:.0f} s", flush=True)
 
     def tasks_arguments(self) -> list[str]:
         if self.study.tasks_dir == "demo":
@@ -355,7 +360,7 @@ class StudyRunner:
             if stages[key]["output"].exists():
                 print(f"[study {study.name}] {done}", flush=True)
             else:
-                self._run(label, command)
+                self._run(label, command, key)
 
         for i, run in enumerate(runs, 1):
             name = run.key
@@ -367,7 +372,7 @@ class StudyRunner:
             if (run_dir / "TRAINED").exists():
                 print(f"[study {study.name}] {prefix}: trained already", flush=True)
             else:
-                self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root))
+                self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root), f"train {name}")
                 (run_dir / "TRAINED").write_text("ok\n")
             stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
                   [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
@@ -388,4 +393,5 @@ class StudyRunner:
         if study.include_base and baseline != BASE_NAME:
             compare += ["--reference", BASE_NAME]  # shown, not a question of the study: outside the Holm family
         self._run("compare", compare)
+        write_text_atomic(out / "report" / "stage-times.md", f"# Wall time per stage ({study.name})\n\n{times_table(out)}")
         return out / "report"

@@ -176,6 +176,9 @@ def reuse_finished(stages: dict[str, dict[str, Any]], out: Path, ledger: StageLe
             for path in files:
                 _copy_atomic(source / path.relative_to(out), path)
             ledger.record(label, entry["fingerprint"])
+            timed = json.loads((source / TIMES).read_text(encoding="utf-8")) if (source / TIMES).is_file() else {}
+            if label in timed:
+                record_time(out, label, 0.0, reused_from=source, source_entry=timed[label])
             say(f"{label}: reused from {source} (made from the same recipe, inputs and settings)")
             reused.append(label)
             break
@@ -195,3 +198,42 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     else:
         shutil.copy2(src, tmp)
     os.replace(tmp, dst)
+
+
+TIMES = "stage-times.json"
+
+
+def record_time(out: Path, label: str, seconds: float, threads: str | None = None, reused_from: Path | None = None,
+                source_entry: dict[str, Any] | None = None) -> None:
+    """Add a stage's wall time to `<out>/stage-times.json` (label -> seconds, CPU, threads, when).
+
+    Reports give the wall time of every stage on the machine that ran it; a reused stage keeps the
+    time and machine of the study that ran it, with where it came from."""
+    from datetime import datetime, timezone
+
+    from dsembed.modeling.precision import cpu_model
+
+    path = out / TIMES
+    times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if source_entry is not None:
+        entry = dict(source_entry, reused_from=str(reused_from))
+    else:
+        entry = {"seconds": round(seconds, 1), "cpu": cpu_model(), "cores": os.cpu_count(),
+                 "threads": threads or os.environ.get("OMP_NUM_THREADS"),
+                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    times[label] = entry
+    write_text_atomic(path, json.dumps(times, indent=1, sort_keys=True) + "\n")
+
+
+def times_table(out: Path) -> str:
+    """Markdown table of `<out>/stage-times.json` in the order the stages finished, with the total."""
+    path = out / TIMES
+    times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    rows = ["| stage | wall s | CPU (cores, threads) | finished | note |", "|---|---:|---|---|---|"]
+    for label, entry in sorted(times.items(), key=lambda item: item[1].get("finished", "")):
+        note = f"reused from {entry['reused_from']}" if entry.get("reused_from") else ""
+        rows.append(f"| {label} | {entry['seconds']:.0f} | {entry['cpu']} ({entry['cores']}, {entry['threads']}) "
+                    f"| {entry['finished']} | {note} |")
+    total = sum(entry["seconds"] for entry in times.values())
+    rows.append(f"| all stages | {total:.0f} | | | {total / 3600:.2f} h |")
+    return "\n".join(rows) + "\n"

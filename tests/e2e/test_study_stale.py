@@ -89,3 +89,12 @@ def test_changed_variant_is_named_then_redone_with_rerun_stale(tmp_path: Path) -
     assert sorted(json.loads((out2 / "stages.json").read_text())) == sorted([
         "evaluate a", "evaluate c", "export a", "export c", "train a", "train c"])
     assert not list(out2.rglob(".*.reusing"))
+    # wall time per stage: measured where run, carried with a reused stage, tabled in the report
+    times = json.loads((out / "stage-times.json").read_text())
+    assert {"train a", "export a", "evaluate a", "train b", "compare"} <= set(times)
+    assert all(t["seconds"] > 0 and t["cpu"] and t["threads"] for t in times.values())
+    times2 = json.loads((out2 / "stage-times.json").read_text())
+    assert times2["train a"]["seconds"] == times["train a"]["seconds"] and times2["train a"]["reused_from"] == str(out)
+    assert "reused_from" not in times2["train c"]
+    table = (out2 / "report" / "stage-times.md").read_text()
+    assert "| train c |" in table and f"reused from {out}" in table and "| all stages |" in table
