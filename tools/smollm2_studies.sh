@@ -1,0 +1,46 @@
+#!/bin/bash
+# The three SmolLM2-135M studies of docs/results/ on the development data, one after another, each
+# resumable (run the same command again: finished stages are skipped, a killed stage is redone):
+#   1. recipes/studies/paper-smollm2.yaml      the five designs, seeds 0 and 1   (issue: the paper's answer)
+#   2. recipes/studies/ablations-smollm2.yaml  top4/8/16/all/no-layer-weights    (reuses 1's model1 runs and base)
+#   3. recipes/studies/features-smollm2.yaml   negatives, batches, Matryoshka    (mines with 1's model1-s0; reuses
+#      1's seed-0 model1/model5), then the Matryoshka score-vs-dimension evaluations.
+# Usage, from the checkout with ../shared/data beside it:
+#   bash tools/smollm2_studies.sh [OUT]        (OUT default: ~/dsembed-studies; log it yourself, e.g. > OUT.log 2>&1)
+# Results saved in the repository by an earlier machine (docs/results/data/<study>/, results and
+# ledger of finished evaluations) are reused when OUT lacks them: a new machine retrains (minutes)
+# but does not re-evaluate what was already scored with the same recipe and settings.
+set -o pipefail
+OUT=${1:-$HOME/dsembed-studies}
+DATA=../shared/data
+TRAIN="$DATA/train/nli_triplets.jsonl $DATA/train/paraphrase_pairs.jsonl $DATA/train/trecqa_triplets.jsonl"
+OVERRIDE="data.train=[$DATA/train/nli_triplets.jsonl, $DATA/train/paraphrase_pairs.jsonl, $DATA/train/trecqa_triplets.jsonl]"
+step() { echo "=== $(date -u +%FT%TZ) $*"; }
+fail() { step "$*"; exit 1; }
+saved() { [ -f docs/results/data/$1/stages.json ] && echo "--reuse docs/results/data/$1"; }
+study() {  # name, extra dsembed-study arguments
+  local name=$1; shift
+  step "start $name at $(git log --oneline -1 2>/dev/null | cut -c1-60)"
+  /usr/bin/time -f "wall %e s" dsembed-study recipes/studies/$name.yaml --override "$OVERRIDE" \
+    --output-dir "$OUT/$name" $(saved $name) "$@" || fail "$name failed"
+  step "done $name"
+}
+study paper-smollm2
+study ablations-smollm2 --reuse "$OUT/paper-smollm2"
+if [ ! -f runs/mined/paper-model1-s0.jsonl ]; then
+  step "mine with the paper study's model1-s0"
+  /usr/bin/time -f "wall %e s" dsembed-mine "$OUT/paper-smollm2/models/model1-s0" $TRAIN --negatives 1 --margin 0.95 \
+    --output runs/mined/paper-model1-s0.jsonl || fail "mining failed"
+fi
+study features-smollm2 --reuse "$OUT/paper-smollm2"
+LIMITS="--limit 256 --task-limit SciFact=32 --task-limit Cranfield=32 --task-limit NFCorpus=8 --task-limit CACM=32
+        --task-limit LISA=32 --task-limit NPL=32 --task-limit Medline=30 --task-limit CysticFibrosis=32"
+mkdir -p "$OUT/features-smollm2/dims"
+for d in 64 128 256; do
+  for m in model1-mrl model1; do
+    step "evaluate $m at $d dimensions"
+    /usr/bin/time -f "wall %e s" dsembed-evaluate "$OUT/features-smollm2/models/$m-s0" --tasks-dir $DATA/tasks $LIMITS \
+      --batch-size 32 --truncate-dim $d --name $m --output "$OUT/features-smollm2/dims/$m-d$d.json" || fail "dims failed"
+  done
+done
+step "all done"
