@@ -7,9 +7,11 @@
 #      1's seed-0 model1/model5), then the Matryoshka score-vs-dimension evaluations.
 # Usage, from the checkout with ../shared/data beside it:
 #   bash tools/smollm2_studies.sh [OUT]        (OUT default: ~/dsembed-studies; log it yourself, e.g. > OUT.log 2>&1)
-# Results saved in the repository by an earlier machine (docs/results/data/<study>/, results and
-# ledger of finished evaluations) are reused when OUT lacks them: a new machine retrains (minutes)
-# but does not re-evaluate what was already scored with the same recipe and settings.
+# Evaluations saved in the repository by an earlier machine (docs/results/data/<study>/, written by
+#   dsembed-study recipes/studies/<study>.yaml --override "$OVERRIDE" --output-dir OUT/<study> \
+#     --save-finished docs/results/data/<study>)
+# are reused when OUT lacks them: a new machine retrains (minutes) but does not re-evaluate what was
+# already scored with the same recipe and settings.
 set -o pipefail
 OUT=${1:-$HOME/dsembed-studies}
 DATA=../shared/data

@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
                         help="another study's output folder: copy its finished stages that were made from the same "
                              "recipe, inputs and settings instead of running them; repeatable")
+    parser.add_argument("--save-finished", metavar="DEST",
+                        help="copy the finished evaluations of --output-dir (results, stages.json entries, stage "
+                             "times) to DEST, a folder --reuse takes on another machine; runs nothing")
     parser.add_argument("--nnodes", type=int, help="nodes per training run (launcher deepspeed; overrides the study's nnodes)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile naming the nodes (overrides the study's hostfile)")
     parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
@@ -35,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     study, root = load_study(args.study, {"nnodes": args.nnodes, "hostfile": hostfile, "launcher_args": args.launcher_arg,
                                           "output_dir": args.output_dir},
                              args.override, args.tasks_dir)
+    if args.save_finished:
+        from dsembed.study.stages import save_finished
+
+        saved = save_finished(StudyRunner(study, root, args.output_dir).out, Path(args.save_finished))
+        print(f"[study {study.name}] {args.save_finished}: {len(saved)} finished evaluation(s): {', '.join(saved)}")
+        return 0
     if args.plan:
         from dsembed.study.plan import plan
 

@@ -237,3 +237,27 @@ def times_table(out: Path) -> str:
     total = sum(entry["seconds"] for entry in times.values())
     rows.append(f"| all stages | {total:.0f} | | | {total / 3600:.2f} h |")
     return "\n".join(rows) + "\n"
+
+
+def save_finished(out: Path, dest: Path) -> list[str]:
+    """Copy a study's finished evaluations (results JSON + their stages.json entries) and its
+    stage-times.json to `dest`, a folder `--reuse` takes: a new machine then retrains (minutes)
+    but does not re-evaluate what was scored from the same recipe and settings.
+
+    Raises:
+        UserError: `out` is not a study output folder.
+    """
+    from dsembed.errors import UserError
+
+    if not (out / LEDGER).is_file():
+        raise UserError(f"--save-finished: {out} has no {LEDGER} (give the --output-dir of a study that ran)")
+    ledger = json.loads((out / LEDGER).read_text(encoding="utf-8"))
+    kept = {label: entry for label, entry in ledger.items()  # an entry is recorded before its stage runs
+            if label.startswith("evaluate ") and (out / "results" / f"{label.split(' ', 1)[1]}.json").is_file()}
+    for label in kept:
+        name = f"{label.split(' ', 1)[1]}.json"
+        _copy_atomic(out / "results" / name, dest / "results" / name)
+    if (out / TIMES).is_file():
+        _copy_atomic(out / TIMES, dest / TIMES)
+    write_text_atomic(dest / LEDGER, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    return sorted(kept)

@@ -327,6 +327,11 @@ def train(recipe: Recipe, base_dir: Path | None = None) -> int:
     # instead of 2.4 s. Flushing them to zero changes no result measurably; a no-op on GPUs.
     torch.set_flush_denormal(True)
     try:
-        return Trainer(recipe, base_dir).run()
+        step = Trainer(recipe, base_dir).run()
+        # every rank is done before the group goes: a gloo group torn down while a peer still reads
+        # from it aborts a rank at exit ("terminate called without an active exception", SIGABRT),
+        # seen in a 2-rank tiny study under load. Not on the error path, where a peer may be gone.
+        dist.barrier()
+        return step
     finally:
         shutdown_distributed()
