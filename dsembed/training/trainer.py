@@ -328,9 +328,10 @@ def train(recipe: Recipe, base_dir: Path | None = None) -> int:
     torch.set_flush_denormal(True)
     try:
         step = Trainer(recipe, base_dir).run()
-        # every rank is done before the group goes: a gloo group torn down while a peer still reads
-        # from it aborts a rank at exit ("terminate called without an active exception", SIGABRT),
-        # seen in a 2-rank tiny study under load. Not on the error path, where a peer may be gone.
+        # every rank is done before the group goes, as the evaluation ranks do (a gloo group torn
+        # down while a peer still reads from it can abort that peer). Not on the error path, where a
+        # peer may be gone. A 2-rank CPU run on an overloaded machine still aborted once at exit after
+        # finishing ("terminate called without an active exception"): open, see the stop note.
         dist.barrier()
         return step
     finally:
