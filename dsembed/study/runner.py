@@ -35,7 +35,8 @@ from dsembed.recipe_rules import validate
 from dsembed.errors import RecipeError, UserError
 from dsembed.strict import from_dict, read_yaml_mapping
 from dsembed.atomic import write_text_atomic
-from dsembed.study.stages import StageLedger, changes as _changes, recipe_fingerprint, record_time, reuse_finished, times_table
+from dsembed.study.stages import (StageLedger, changes as _changes, check_reuse_sources, recipe_fingerprint, record_time,
+                                  reuse_finished, times_table)
 
 BASE_NAME = "base"
 
@@ -208,9 +209,7 @@ class StudyRunner:
         self.out = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
         self.rerun_stale = rerun_stale
         self.reuse = [Path(p).resolve() for p in reuse or []]  # other studies' output folders
-        for source in self.reuse:  # before anything is written
-            if not (source / "stages.json").is_file():
-                raise UserError(f"--reuse {source}: no stages.json there (give the --output-dir of a study that ran)")
+        check_reuse_sources(self.reuse)  # before anything is written
 
     def _run(self, label: str, command: list[str], key: str | None = None) -> None:
         """Run one stage's command; `key` (the stage label) records its wall time in stage-times.json."""

@@ -156,33 +156,42 @@ def reuse_finished(stages: dict[str, dict[str, Any]], out: Path, ledger: StageLe
     Raises:
         UserError: a source folder without a stages.json (not a study output folder).
     """
-    from dsembed.errors import UserError
-
-    for source in sources:
-        if not (source / LEDGER).is_file():
-            raise UserError(f"--reuse {source}: no {LEDGER} there (give the --output-dir of a study that ran)")
+    check_reuse_sources(sources)
+    # each source's ledger and stage times, read once
+    found = [(source, StageLedger(source).entries, _read_times(source)) for source in sources]
     reused: list[str] = []
     for label, entry in stages.items():
         files = list(entry["remove"])  # an evaluation's results JSON comes with its per-task store
         files += [path.with_suffix(".tasks") for path in entry["remove"] if path.suffix == ".json"]
         if any(p.exists() for p in files):
             continue
-        for source in sources:
-            recorded = StageLedger(source).entries.get(label)
-            if recorded is None or changes(recorded, _plain(entry["fingerprint"])):
+        for source, recorded, timed in found:
+            if label not in recorded or changes(recorded[label], _plain(entry["fingerprint"])):
                 continue
             if not (source / entry["output"].relative_to(out)).exists():
                 continue
             for path in files:
                 _copy_atomic(source / path.relative_to(out), path)
             ledger.record(label, entry["fingerprint"])
-            timed = json.loads((source / TIMES).read_text(encoding="utf-8")) if (source / TIMES).is_file() else {}
             if label in timed:
-                record_time(out, label, 0.0, reused_from=source, source_entry=timed[label])
+                _write_time(out, label, dict(timed[label], reused_from=str(source)))
             say(f"{label}: reused from {source} (made from the same recipe, inputs and settings)")
             reused.append(label)
             break
     return reused
+
+
+def check_reuse_sources(sources: list[Path]) -> None:
+    """Every --reuse folder is a study output folder (has a stages.json).
+
+    Raises:
+        UserError: one that is not, named.
+    """
+    from dsembed.errors import UserError
+
+    for source in sources:
+        if not (source / LEDGER).is_file():
+            raise UserError(f"--reuse {source}: no {LEDGER} there (give the --output-dir of a study that ran)")
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -203,32 +212,34 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 TIMES = "stage-times.json"
 
 
-def record_time(out: Path, label: str, seconds: float, threads: str | None = None, reused_from: Path | None = None,
-                source_entry: dict[str, Any] | None = None) -> None:
+def record_time(out: Path, label: str, seconds: float, threads: str | None = None) -> None:
     """Add a stage's wall time to `<out>/stage-times.json` (label -> seconds, CPU, threads, when).
 
     Reports give the wall time of every stage on the machine that ran it; a reused stage keeps the
-    time and machine of the study that ran it, with where it came from."""
+    entry of the study that ran it, with where it came from (`reuse_finished`)."""
     from datetime import datetime, timezone
 
     from dsembed.modeling.precision import cpu_model
 
+    _write_time(out, label, {"seconds": round(seconds, 1), "cpu": cpu_model(), "cores": os.cpu_count(),
+                             "threads": threads or os.environ.get("OMP_NUM_THREADS"),
+                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def _read_times(out: Path) -> dict[str, Any]:
     path = out / TIMES
-    times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if source_entry is not None:
-        entry = dict(source_entry, reused_from=str(reused_from))
-    else:
-        entry = {"seconds": round(seconds, 1), "cpu": cpu_model(), "cores": os.cpu_count(),
-                 "threads": threads or os.environ.get("OMP_NUM_THREADS"),
-                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _write_time(out: Path, label: str, entry: dict[str, Any]) -> None:
+    times = _read_times(out)
     times[label] = entry
-    write_text_atomic(path, json.dumps(times, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / TIMES, json.dumps(times, indent=1, sort_keys=True) + "\n")
 
 
 def times_table(out: Path) -> str:
     """Markdown table of `<out>/stage-times.json` in the order the stages finished, with the total."""
-    path = out / TIMES
-    times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    times = _read_times(out)
     rows = ["| stage | wall s | CPU (cores, threads) | finished | note |", "|---|---:|---|---|---|"]
     for label, entry in sorted(times.items(), key=lambda item: item[1].get("finished", "")):
         note = f"reused from {entry['reused_from']}" if entry.get("reused_from") else ""
@@ -251,12 +262,13 @@ def save_finished(out: Path, dest: Path) -> list[str]:
 
     if not (out / LEDGER).is_file():
         raise UserError(f"--save-finished: {out} has no {LEDGER} (give the --output-dir of a study that ran)")
-    ledger = json.loads((out / LEDGER).read_text(encoding="utf-8"))
-    kept = {label: entry for label, entry in ledger.items()  # an entry is recorded before its stage runs
-            if label.startswith("evaluate ") and (out / "results" / f"{label.split(' ', 1)[1]}.json").is_file()}
+    # "evaluate <name>" -> results/<name>.json; an entry is recorded before its stage runs, so
+    # only those whose results exist are finished
+    ledger = StageLedger(out).entries
+    files = {label: f"{label.removeprefix('evaluate ')}.json" for label in ledger if label.startswith("evaluate ")}
+    kept = {label: ledger[label] for label in files if (out / "results" / files[label]).is_file()}
     for label in kept:
-        name = f"{label.split(' ', 1)[1]}.json"
-        _copy_atomic(out / "results" / name, dest / "results" / name)
+        _copy_atomic(out / "results" / files[label], dest / "results" / files[label])
     if (out / TIMES).is_file():
         _copy_atomic(out / TIMES, dest / TIMES)
     write_text_atomic(dest / LEDGER, json.dumps(kept, indent=1, sort_keys=True) + "\n")
