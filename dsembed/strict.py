@@ -2,7 +2,7 @@
 
 Unknown keys, wrong types, bad enum values and missing required keys (fields without a default)
 raise `RecipeError` naming the file and the dotted key, with a did-you-mean where one fits. Used by
-dsembed.config (recipes) and dsembed.study.runner (study files).
+dsembed.config (recipes) and dsembed.study.config (study files).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@
 # Evaluations saved in the repository by an earlier machine (docs/results/data/<study>/, written by
 #   dsembed-study recipes/studies/<study>.yaml --override "$OVERRIDE" --output-dir OUT/<study> \
 #     --save-finished docs/results/data/<study>)
-# are reused when OUT lacks them: a new machine retrains (minutes) but does not re-evaluate what was
-# already scored with the same recipe and settings.
+# are reused when OUT lacks them: a new machine does not re-evaluate what was already scored with the
+# same recipe and settings, nor retrain those runs (only model1-s0, which the mining step needs).
 set -o pipefail
 OUT=${1:-$HOME/dsembed-studies}
 DATA=../shared/data
@@ -30,6 +30,8 @@ study() {  # name, extra dsembed-study arguments
 study paper-smollm2
 study ablations-smollm2 --reuse "$OUT/paper-smollm2"
 if [ ! -f runs/mined/paper-model1-s0.jsonl ]; then
+  # a run whose evaluation was reused is not retrained; mining needs this one's model
+  [ -f "$OUT/paper-smollm2/models/model1-s0/dsembed.json" ] || study paper-smollm2 --model model1-s0
   step "mine with the paper study's model1-s0"
   /usr/bin/time -f "wall %e s" dsembed-mine "$OUT/paper-smollm2/models/model1-s0" $TRAIN --negatives 1 --margin 0.95 \
     --output runs/mined/paper-model1-s0.jsonl || fail "mining failed"

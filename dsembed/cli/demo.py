@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from dsembed.modeling.precision import resolve_dtype
-    from dsembed.study.runner import StudyRunner, load_study
+    from dsembed.study.config import load_study
+    from dsembed.study.runner import StudyRunner
 
     study, root = load_study(args.study)
     out = Path(args.output_dir).resolve()

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from dsembed.errors import run_cli
-from dsembed.study.runner import StudyRunner, load_study
+from dsembed.study.config import load_study
+from dsembed.study.runner import StudyRunner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-finished", metavar="DEST",
                         help="copy the finished evaluations of --output-dir (results, stages.json entries, stage "
                              "times) to DEST, a folder --reuse takes on another machine; runs nothing")
+    parser.add_argument("--model", action="append", default=[], metavar="RUN",
+                        help="train and export RUN (e.g. model1-s0) even where its evaluation is already finished; "
+                             "by default such runs are not retrained (their model is not needed); repeatable")
     parser.add_argument("--nnodes", type=int, help="nodes per training run (launcher deepspeed; overrides the study's nnodes)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile naming the nodes (overrides the study's hostfile)")
     parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         plan(study, root, Path(args.output_dir) if args.output_dir else None)
         return 0
-    report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale, reuse=args.reuse).run()
+    report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale, reuse=args.reuse,
+                         models=args.model).run()
     print(f"[study {study.name}] report: {report}/report.md", flush=True)
     return 0
 

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from dsembed.config import Recipe, load_recipe
 from dsembed.evaluation.presets import CATEGORIES
 from dsembed.evaluation.statistics import power_table
-from dsembed.study.runner import BASE_NAME, StudyConfig, StudyRunner, _overrides, _recipe_path, holm_family, training_runs
+from dsembed.study.config import BASE_NAME, StudyConfig, holm_family, recipe_path, run_overrides, training_runs
+from dsembed.study.runner import StudyRunner
 
 CACHED_STEP_FACTOR = 1.5  # GradCache: a no-graph forward of the batch before the forward + backward
 
@@ -126,11 +127,11 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
 
     timings: dict[str, Timing] = {}
     for variant in study.variants:
-        recipe = load_recipe(_recipe_path(study, root, variant), _overrides(study, variant))
+        recipe = load_recipe(recipe_path(study, root, variant), run_overrides(study, variant))
         timings[variant] = time_recipe(recipe, sample)
         log(f"[plan] timed {variant}: build {timings[variant].build_s:.1f} s, step {timings[variant].step_s:.2f} s, "
             f"encode {timings[variant].tokens_per_s:.0f} tokens/s")
-    first = load_recipe(_recipe_path(study, root, next(iter(study.variants))), _overrides(study, next(iter(study.variants))))
+    first = load_recipe(recipe_path(study, root, next(iter(study.variants))), run_overrides(study, next(iter(study.variants))))
     from dsembed.modeling.backbone import load_backbone
 
     _, tokenizer = load_backbone(first.model, attn_fallback=True)
@@ -142,13 +143,14 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
         return timing.build_s + sum(tokens.values()) / timing.tokens_per_s
 
     stages = runner._stages()
+    skipped = runner.not_needed(stages)  # evaluated already: their training would change nothing
     rows = []
     for run in training_runs(study):
         t = timings[run.variant]
-        recipe = load_recipe(_recipe_path(study, root, run.variant), _overrides(study, run.variant, run.seed))
+        recipe = load_recipe(recipe_path(study, root, run.variant), run_overrides(study, run.variant, run.seed))
         estimates = {f"train {run.key}": t.build_s + recipe.train.max_steps * t.step_s,
                      f"export {run.key}": 2 * t.build_s, f"evaluate {run.key}": eval_seconds(t)}
-        rows += [{"stage": label, "finished": stages[label]["output"].exists(), "estimate_s": seconds}
+        rows += [{"stage": label, "finished": stages[label]["output"].exists() or label in skipped, "estimate_s": seconds}
                  for label, seconds in estimates.items()]
     base_timing = timings[next(iter(study.variants))]
     for label in (f"evaluate {BASE_NAME}",) * study.include_base + (f"probe {BASE_NAME}",) * study.probe_base:

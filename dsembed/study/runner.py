@@ -19,170 +19,22 @@ every node from this one, over ssh/pdsh); runs and models must be on a shared fi
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from dsembed.config import load_recipe
-from dsembed.recipe_rules import validate
-from dsembed.errors import RecipeError, UserError
-from dsembed.strict import from_dict, read_yaml_mapping
+from dsembed.errors import UserError
 from dsembed.atomic import write_text_atomic
+from dsembed.study.config import (BASE_NAME, StudyConfig, holm_family, hostfile_path,
+                                  recipe_path, run_overrides, training_runs)
 from dsembed.study.stages import (StageLedger, changes as _changes, check_reuse_sources, recipe_fingerprint, record_time,
                                   reuse_finished, times_table)
-
-BASE_NAME = "base"
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """What a study trains, how it launches training, and what it evaluates on.
-
-    `variants` maps a short name to a recipe (relative to the study file). `overrides` apply to
-    every recipe, `variant_overrides` to one. `tasks_dir: demo` writes the pip-installed demo tasks
-    (dsembed.data.demo) to a cache and evaluates on those.
-    """
-
-    name: str
-    output_dir: str
-    variants: dict[str, str]
-    overrides: list[str] = field(default_factory=list)
-    variant_overrides: dict[str, list[str]] = field(default_factory=dict)
-    launcher: Literal["python", "torchrun", "deepspeed"] = "python"
-    nproc: int = 1  # processes per node
-    nnodes: int = 1  # nodes (launcher deepspeed with a hostfile when more than 1)
-    hostfile: str | None = None  # DeepSpeed hostfile ("host slots=N" lines), relative to the study file
-    launcher_args: list[str] = field(default_factory=list)  # appended to the launcher's own, e.g. [--master_port, "29600"]
-    baseline: str | None = None  # None: the first variant
-    include_base: bool = True  # evaluate the untrained backbone of the first variant as "base"
-    tasks: list[str] = field(default_factory=list)
-    tasks_dir: str | None = None
-    eval_batch_size: int = 32
-    eval_limit: int | None = None
-    eval_limits: dict[str, int] = field(default_factory=dict)  # per task name, over eval_limit
-    probe_base: bool = False  # score every layer of the untrained backbone (dsembed-probe-layers) too
-    # Holm's correction of the Wilcoxon p-values: false/none (the paper's uncorrected test), all (every
-    # variant x category test in one family; true means the same), per_variant (each variant against
-    # the baseline over its categories: the paper's question per design)
-    holm: bool | Literal["none", "all", "per_variant"] = False
-    # train.seed of each training run: every variant trains and is evaluated once per seed (stages
-    # "<variant>-s<seed>"); None keeps one run per variant with the recipe's own seed
-    seeds: list[int] | None = None
-
-
-def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
-               tasks_dir: str | None = None) -> tuple[StudyConfig, Path]:
-    """Read and check a study file; recipes are loaded and validated up front, data files checked.
-
-    Args:
-        path: the study YAML.
-        launch: study keys given on the command line (nnodes, hostfile, launcher_args), which win.
-        overrides: recipe `key=value` overrides for every variant, after the study's own (the
-            command line's --override: e.g. local training data instead of a hub dataset).
-        tasks_dir: local tasks to evaluate on instead of the study's tasks (relative to the
-            working directory).
-
-    Returns:
-        The study and the folder that relative paths resolve against.
-
-    Raises:
-        RecipeError: schema errors, unknown variant names, missing or invalid recipes, a launcher
-            that cannot start the nodes asked for.
-        DataError: a recipe's data file does not exist.
-    """
-    from dsembed.data.rows import check_data_files
-
-    path = Path(path)
-    data = read_yaml_mapping(path, "study")
-    data.update({k: v for k, v in (launch or {}).items() if v not in (None, [])})
-    study = from_dict(StudyConfig, data, "", str(path))
-    if overrides:
-        study = dataclasses.replace(study, overrides=[*study.overrides, *overrides])
-    if tasks_dir is not None:
-        study = dataclasses.replace(study, tasks=[], tasks_dir=str(Path(tasks_dir).resolve()))
-    where = str(path)
-    if not study.variants:
-        raise RecipeError(f"{where}: variants is empty (name at least one recipe)")
-    if study.nproc < 1:
-        raise RecipeError(f"{where}: nproc = {study.nproc} must be at least 1")
-    if study.launcher == "python" and study.nproc != 1:
-        raise RecipeError(f"{where}: launcher python runs one process; use launcher: torchrun for nproc {study.nproc}")
-    if study.nnodes < 1:
-        raise RecipeError(f"{where}: nnodes = {study.nnodes} must be at least 1")
-    if study.nnodes > 1 and study.launcher != "deepspeed":
-        raise RecipeError(f"{where}: nnodes = {study.nnodes} needs launcher: deepspeed with a hostfile ({study.launcher} "
-                          "starts processes on this node only; DeepSpeed's launcher starts every node)")
-    if study.hostfile is not None:
-        if study.launcher != "deepspeed":
-            raise RecipeError(f"{where}: hostfile is read by launcher: deepspeed only (launcher is {study.launcher})")
-        if not _hostfile(study, path.resolve().parent).is_file():
-            raise RecipeError(f"{where}: hostfile {study.hostfile} not found (one 'hostname slots=N' line per node)")
-    elif study.nnodes > 1:
-        raise RecipeError(f"{where}: nnodes = {study.nnodes} needs a hostfile naming the nodes ('hostname slots=N' lines)")
-    unknown = set(study.variant_overrides) - set(study.variants)
-    if unknown:
-        raise RecipeError(f"{where}: variant_overrides names {sorted(unknown)} that are not in variants")
-    names = list(study.variants) + ([BASE_NAME] if study.include_base else [])
-    if study.baseline is not None and study.baseline not in names:
-        raise RecipeError(f"{where}: baseline = {study.baseline!r} is not one of {names}")
-    if BASE_NAME in study.variants:
-        raise RecipeError(f"{where}: variants: the name {BASE_NAME!r} is reserved for the untrained backbone")
-    if not study.tasks and study.tasks_dir is None:
-        raise RecipeError(f"{where}: give tasks (presets or MTEB names) or tasks_dir")
-    if study.seeds is not None and (not study.seeds or len(set(study.seeds)) != len(study.seeds)):
-        raise RecipeError(f"{where}: seeds = {study.seeds} should list distinct seeds (or leave seeds out: one run)")
-    root = path.resolve().parent
-    for name in study.variants:
-        recipe = load_recipe(_recipe_path(study, root, name), _overrides(study, name))
-        validate(recipe, world_size=study.nproc * study.nnodes)
-        check_data_files(recipe)
-    return study, root
-
-
-def _hostfile(study: StudyConfig, root: Path) -> Path:
-    path = Path(study.hostfile)
-    return path if path.is_absolute() else root / path
-
-
-def _recipe_path(study: StudyConfig, root: Path, name: str) -> Path:
-    path = Path(study.variants[name])
-    return path if path.is_absolute() else root / path
-
-
-def _overrides(study: StudyConfig, name: str, seed: int | None = None) -> list[str]:
-    seeded = [] if seed is None else [f"train.seed={seed}"]
-    return list(study.overrides) + list(study.variant_overrides.get(name, [])) + seeded
-
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """One training run of a study: a variant at one seed (seed None: the recipe's own, one run)."""
-
-    variant: str
-    seed: int | None
-    key: str  # folder and results name: the variant, or "<variant>-s<seed>"
-
-
-def training_runs(study: StudyConfig) -> list[TrainingRun]:
-    """Every (variant, seed) run of the study, variant by variant."""
-    if study.seeds is None:
-        return [TrainingRun(name, None, name) for name in study.variants]
-    return [TrainingRun(name, seed, f"{name}-s{seed}") for name in study.variants for seed in study.seeds]
-
-
-def holm_family(study: StudyConfig) -> str:
-    """The study's Holm family: "none", "all" or "per_variant" (true means all)."""
-    if study.holm is True:
-        return "all"
-    return "none" if study.holm is False else study.holm
-
 
 def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root: Path = Path(".")) -> list[str]:
     if study.launcher == "torchrun":
@@ -190,7 +42,7 @@ def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root:
                 *study.launcher_args, "-m", "dsembed.train"]
     elif study.launcher == "deepspeed":
         nodes = ["--num_nodes", str(study.nnodes)] if study.nnodes > 1 else []
-        hostfile = ["--hostfile", str(_hostfile(study, root))] if study.hostfile is not None else []
+        hostfile = ["--hostfile", str(hostfile_path(study, root))] if study.hostfile is not None else []
         head = ["deepspeed", *hostfile, *nodes, "--num_gpus", str(study.nproc), *study.launcher_args,
                 "--no_local_rank", "--module", "dsembed.train"]
     else:
@@ -202,8 +54,14 @@ class StudyRunner:
     """Runs the stages of one study in order, skipping what is already done."""
 
     def __init__(self, study: StudyConfig, root: Path, out: Path | None = None, rerun_stale: bool = False,
-                 reuse: list[Path] | None = None) -> None:
+                 reuse: list[Path] | None = None, models: list[str] | None = None) -> None:
         self.study = study
+        runs = [run.key for run in training_runs(study)]
+        unknown = [name for name in models or [] if name not in runs]
+        if unknown:
+            raise UserError(f"study {study.name}: --model {unknown[0]} is not a run of the study; "
+                            f"name one of: {', '.join(runs)}")
+        self.models = list(models or [])  # runs to train and export even where their evaluation is finished
         self.root = root
         out_dir = Path(out or study.output_dir)
         self.out = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
@@ -259,8 +117,8 @@ class StudyRunner:
     def _base_target(self) -> list[str]:
         """--base RECIPE --override ... for the untrained backbone of the first variant."""
         first = next(iter(self.study.variants))
-        return ["--base", str(_recipe_path(self.study, self.root, first)),
-                *[f"--override={o}" for o in _overrides(self.study, first)]]
+        return ["--base", str(recipe_path(self.study, self.root, first)),
+                *[f"--override={o}" for o in run_overrides(self.study, first)]]
 
     def _stages(self) -> dict[str, dict[str, Any]]:
         """Every stage: its output (present when finished), the fingerprint of its inputs, and
@@ -273,7 +131,7 @@ class StudyRunner:
         for run in training_runs(study):
             name = run.key
             run_dir = out / "runs" / name
-            recipe = load_recipe(_recipe_path(study, self.root, run.variant), _overrides(study, run.variant, run.seed))
+            recipe = load_recipe(recipe_path(study, self.root, run.variant), run_overrides(study, run.variant, run.seed))
             trained = recipe_fingerprint(recipe)
             partial = None
             if not (run_dir / "TRAINED").exists() and (run_dir / "recipe.yaml").is_file():
@@ -290,7 +148,7 @@ class StudyRunner:
                                           "remove": [out / "results" / f"{name}.json"]}
         if study.include_base:
             first = next(iter(study.variants))
-            base = recipe_fingerprint(load_recipe(_recipe_path(study, self.root, first), _overrides(study, first)))
+            base = recipe_fingerprint(load_recipe(recipe_path(study, self.root, first), run_overrides(study, first)))
             stages[f"evaluate {BASE_NAME}"] = {"output": out / "results" / f"{BASE_NAME}.json",
                                                "fingerprint": {"base": base, "evaluation": evaluation},
                                                "remove": [out / "results" / f"{BASE_NAME}.json"]}
@@ -299,6 +157,17 @@ class StudyRunner:
                                             "fingerprint": {"base": base, "evaluation": evaluation},
                                             "remove": [out / "probe"]}
         return stages
+
+    def not_needed(self, stages: dict[str, dict[str, Any]]) -> set[str]:
+        """Train and export stages that no stage of the study still needs: the run's evaluation is
+        finished (often reused from an earlier machine), its model is not here and not asked for
+        (`models`). Retraining it would cost minutes and change no result of the study."""
+        skipped: set[str] = set()
+        for name in (run.key for run in training_runs(self.study)):
+            if (stages[f"evaluate {name}"]["output"].exists() and name not in self.models
+                    and not stages[f"train {name}"]["output"].exists() and not stages[f"export {name}"]["output"].exists()):
+                skipped |= {f"train {name}", f"export {name}"}
+        return skipped
 
     def _check_stale(self, stages: dict[str, dict[str, Any]], ledger: StageLedger) -> None:
         """Stop (exit 2) naming the finished stages whose inputs changed, or with rerun_stale
@@ -351,6 +220,7 @@ class StudyRunner:
             (out / sub).mkdir(parents=True, exist_ok=True)
         reuse_finished(stages, out, ledger, self.reuse, lambda line: print(f"[study {study.name}] {line}", flush=True))
         runs = training_runs(study)
+        skipped = self.not_needed(stages)
 
         def stage(key: str, label: str, done: str, command: list[str]) -> None:
             # recorded before the stage runs: a study killed just after the stage finished must
@@ -363,10 +233,14 @@ class StudyRunner:
 
         for i, run in enumerate(runs, 1):
             name = run.key
-            recipe = _recipe_path(study, self.root, run.variant)
+            recipe = recipe_path(study, self.root, run.variant)
             run_dir, model_dir = out / "runs" / name, out / "models" / name
-            overrides = _overrides(study, run.variant, run.seed) + [f"train.output_dir={run_dir}"]
+            overrides = run_overrides(study, run.variant, run.seed) + [f"train.output_dir={run_dir}"]
             prefix = f"({i}/{len(runs)}) {name}"
+            if f"train {name}" in skipped:
+                print(f"[study {study.name}] {prefix}: evaluated already; not trained here (its model is not needed; "
+                      f"--model {name} trains it)", flush=True)
+                continue
             ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
             if (run_dir / "TRAINED").exists():
                 print(f"[study {study.name}] {prefix}: trained already", flush=True)

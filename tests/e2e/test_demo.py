@@ -13,7 +13,7 @@ import pytest
 from dsembed.config import load_recipe
 from dsembed.recipe_rules import validate
 from dsembed.errors import UserError
-from dsembed.study.runner import load_study
+from dsembed.study.config import load_study
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -195,7 +195,8 @@ def test_a_study_sees_a_begun_auto_run_as_current(tmp_path):
     """The run directory records what `auto` resolved to; dsembed-study must not call that stale."""
     from pathlib import Path
 
-    from dsembed.study.runner import StudyRunner, load_study
+    from dsembed.study.config import load_study
+    from dsembed.study.runner import StudyRunner
     from dsembed.study.stages import changes
 
     tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny-cpu.yaml"

@@ -23,11 +23,11 @@ import yaml
 from dsembed.config import Recipe, load_recipe
 from dsembed.errors import RecipeError
 from dsembed.strict import from_dict
-from dsembed.study.runner import StudyConfig, load_study
+from dsembed.study.config import StudyConfig, load_study
 
 REPO = Path(__file__).resolve().parents[2]
 # root dataclass -> the modules that build it through dsembed.strict
-ROOTS = {Recipe: "dsembed.config", StudyConfig: "dsembed.study.runner"}
+ROOTS = {Recipe: "dsembed.config", StudyConfig: "dsembed.study.config"}
 
 
 def _required(cls: type) -> list[str]:

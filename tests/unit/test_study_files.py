@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dsembed.errors import RecipeError
-from dsembed.study.runner import StudyRunner, _train_command, load_study
+from dsembed.study.config import load_study
+from dsembed.study.runner import StudyRunner, _train_command
 
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = sorted((REPO / "recipes").rglob("studies/*.yaml"))
@@ -113,7 +114,7 @@ def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(t
 
 def test_feature_study_changes_one_thing_per_variant_after_the_data_override(tmp_path, monkeypatch):
     from dsembed.config import load_recipe
-    from dsembed.study.runner import _overrides, _recipe_path
+    from dsembed.study.config import recipe_path as _recipe_path, run_overrides as _overrides
 
     monkeypatch.chdir(tmp_path)
     rows = tmp_path / "x.jsonl"

@@ -7,7 +7,8 @@ import pytest
 
 from dsembed.errors import RecipeError
 from dsembed.evaluation.statistics import power_table, smallest_wilcoxon_p
-from dsembed.study.runner import StudyRunner, holm_family, load_study, training_runs
+from dsembed.study.config import holm_family, load_study, training_runs
+from dsembed.study.runner import StudyRunner
 
 from tests.unit.test_study_files import write
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 
 from dsembed.config import load_recipe
 from dsembed.errors import RecipeError
-from dsembed.study.runner import _train_command, load_study
+from dsembed.study.config import load_study
+from dsembed.study.runner import _train_command
 from dsembed.study.stages import StageLedger, changes, model_identity, recipe_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,3 +109,43 @@ def test_study_cli_hostfile_and_nodes_flags(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "nnodes = 2 needs launcher: deepspeed" in result.stderr and str(path) in result.stderr
+
+
+def test_a_run_evaluated_already_is_not_retrained_unless_its_model_is_asked_for(tmp_path, monkeypatch):
+    """A new machine reusing saved evaluations must not spend minutes retraining models no stage
+    needs; --model RUN still trains one (for mining with it, say)."""
+    from dsembed.errors import UserError
+    from dsembed.study.runner import StudyRunner
+    from dsembed.study.stages import StageLedger
+
+    study, root = load_study(_study(tmp_path, "variants: {a: r.yaml, b: r.yaml}\ninclude_base: false\n"))
+    ran: list[str] = []
+
+    def fake_run(self, label, command, key=None):
+        ran.append(key or label)
+        if key and key.startswith("train "):
+            (self.out / "runs" / key.split()[1]).mkdir(parents=True)
+        if key and key.startswith("export "):
+            (self.out / "models" / key.split()[1]).mkdir(parents=True)
+            (self.out / "models" / key.split()[1] / "dsembed.json").write_text("{}")
+        if key and key.startswith("evaluate "):
+            (self.out / "results" / f"{key.split()[1]}.json").write_text("{}")
+
+    monkeypatch.setattr(StudyRunner, "_run", fake_run)
+    runner = StudyRunner(study, root, tmp_path / "out")
+    stages = runner._stages()
+    (runner.out / "results").mkdir(parents=True)
+    (runner.out / "results" / "a.json").write_text("{}")  # a's evaluation came from --reuse
+    StageLedger(runner.out).record("evaluate a", stages["evaluate a"]["fingerprint"])
+    assert runner.not_needed(stages) == {"train a", "export a"}
+    runner.run()
+    assert ran == ["train b", "export b", "evaluate b", "compare"]
+    assert not (runner.out / "runs" / "a").exists()
+
+    ran.clear()
+    shutil.rmtree(runner.out / "runs" / "b")
+    shutil.rmtree(runner.out / "models" / "b")
+    StudyRunner(study, root, tmp_path / "out", models=["a"]).run()
+    assert ran == ["train a", "export a", "compare"]  # b: evaluated, model not asked for
+    with pytest.raises(UserError, match="--model c is not a run of the study; name one of: a, b"):
+        StudyRunner(study, root, tmp_path / "out", models=["c"])
