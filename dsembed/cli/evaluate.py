@@ -138,11 +138,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _compute_dtype(args: argparse.Namespace, recipe) -> str:
-    """The dtype the backbone computes in, as `EmbeddingModel.load` picks it: an exported folder's
-    backbone_dtype (float32 for a LoRA merge, whatever the run trained in), else the recipe's."""
+    """The dtype the backbone computes in (exported_backbone_dtype for an exported folder)."""
     if args.model_dir:
+        from dsembed.modeling.model import exported_backbone_dtype
+        from dsembed.modeling.weights import DTYPE_NAMES
+
         meta = json.loads((Path(args.model_dir) / "dsembed.json").read_text(encoding="utf-8"))
-        return str(meta.get("backbone_dtype") or recipe.model.dtype)
+        return DTYPE_NAMES[exported_backbone_dtype(meta, recipe)]
     return str(recipe.model.dtype)
 
 

@@ -286,7 +286,7 @@ class EmbeddingModel(nn.Module):
         except RecipeError as err:
             raise CheckpointError(f"{err} (a damaged recipe.yaml, or one from another dsembed version: copy the model "
                                   "folder again or re-export it with dsembed-consolidate)") from None
-        dtype = DTYPES.get(meta.get("backbone_dtype", ""), torch_dtype(recipe.model.dtype))
+        dtype = exported_backbone_dtype(meta, recipe)
         impl = available_attn_implementation(recipe.model.attn_implementation, dtype, device)
         with reading(src, EXPORTED_FIX):  # what the checks above cannot see (a tensor body, tokenizer.model)
             backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, attn_implementation=impl)
@@ -306,6 +306,13 @@ class EmbeddingModel(nn.Module):
             raise CheckpointError(f"{src / 'pooler.safetensors'}: does not fit the recipe's head ({str(err).splitlines()[0]})") from None
         model = cls(backbone, pooler, tokenizer, recipe).to(device)
         return model.eval()
+
+
+def exported_backbone_dtype(meta: dict[str, Any], recipe: Recipe) -> torch.dtype:
+    """The dtype an exported model's backbone computes in: its dsembed.json's backbone_dtype (float32
+    for a bf16 run's LoRA merge: the merge is written in float32), else the recipe's. One rule for
+    loading and for what an evaluation records, which must answer without loading the model."""
+    return DTYPES.get(meta.get("backbone_dtype", ""), torch_dtype(recipe.model.dtype))
 
 
 def _apply_lora(backbone: nn.Module, recipe: Recipe) -> nn.Module:
