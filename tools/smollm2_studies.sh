@@ -2,7 +2,7 @@
 # The three SmolLM2-135M studies of docs/results/ on the development data, one after another, each
 # resumable (run the same command again: finished stages are skipped, a killed stage is redone):
 #   1. recipes/studies/paper-smollm2.yaml      the five designs, seeds 0 and 1   (issue: the paper's answer)
-#   2. recipes/studies/ablations-smollm2.yaml  top4/8/16/all/no-layer-weights    (reuses 1's model1 runs and base)
+#   2. recipes/studies/ablations-smollm2.yaml  top4/8/16/all/no-layer-weights    (reuses 1's model1 and model5 runs, base)
 #   3. recipes/studies/features-smollm2.yaml   negatives, batches, Matryoshka    (mines with 1's model1-s0; reuses
 #      1's seed-0 model1/model5), then the Matryoshka score-vs-dimension evaluations.
 # Usage, from the checkout with ../shared/data beside it:

@@ -96,8 +96,8 @@ def test_ablation_study_runs_against_the_full_method_with_its_limits_and_probe(t
     rows.write_text('{"query": "q", "positive": "p"}\n')
     study, root = load_study(REPO / "recipes" / "studies" / "ablations-smollm2.yaml",
                              overrides=[f"data.train=[{rows}]"], tasks_dir=str(tmp_path))
-    assert study.baseline == "all" and study.holm and study.probe_base and study.include_base
-    assert list(study.variants)[:2] == ["model1", "all"]  # base = model1's untrained backbone (EOS, causal)
+    assert study.baseline == "model5" and study.holm and study.probe_base and study.include_base
+    assert list(study.variants)[:2] == ["model1", "model5"]  # base = model1's untrained backbone (EOS, causal)
     assert {"top4", "top8", "top16", "no-layer-weights"} <= set(study.variants)
     assert study.overrides[-1] == f"data.train=[{rows}]" and study.tasks_dir == str(tmp_path.resolve())
     runner = StudyRunner(study, root, tmp_path / "out")
@@ -142,3 +142,38 @@ def test_feature_study_changes_one_thing_per_variant_after_the_data_override(tmp
                        for k in own[part] if own[part][k] != other[part][k] and k != "output_dir"}
             assert changed == {f"data.{key}"}, (variant, changed)
     assert recipe("model1-mrl")["loss"]["matryoshka_dims"] == [64, 128, 256, 576]
+
+
+def test_studies_share_the_paper_runs_they_reuse(tmp_path, monkeypatch):
+    """tools/smollm2_studies.sh passes --reuse of the paper study to the ablation and feature
+    studies: their runs of model1 / model5 (and base) must be the same stages, same label, same
+    fingerprint, or each would be trained and evaluated again (about 20 minutes per run)."""
+    from dsembed.study.config import recipe_path, run_overrides
+    from dsembed.config import load_recipe
+    from dsembed.study.stages import recipe_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    rows = tmp_path / "x.jsonl"
+    rows.write_text('{"query": "q", "positive": "p", "negative": "n"}\n')
+    (tmp_path / "runs" / "mined").mkdir(parents=True)
+    (tmp_path / "runs" / "mined" / "paper-model1-s0.jsonl").write_text(rows.read_text())
+
+    def stages(name):
+        study, root = load_study(REPO / "recipes" / "studies" / f"{name}.yaml", overrides=[f"data.train=[{rows}]"],
+                                 tasks_dir=str(tmp_path))
+        return StudyRunner(study, root, tmp_path / name)._stages()
+
+    paper = stages("paper-smollm2")
+    for name, shared in (("ablations-smollm2", {"evaluate model1-s0", "evaluate model1-s1", "evaluate model5-s0",
+                                                "evaluate model5-s1", "evaluate base"}),
+                         ("features-smollm2", {"evaluate model1-s0", "evaluate model5-s0"})):
+        other = stages(name)
+        assert shared <= set(other) & set(paper), name
+        for label in set(other) & set(paper):
+            assert other[label]["fingerprint"] == paper[label]["fingerprint"], (name, label)
+    # the ablations' full method is the same recipe as its ablation file all.yaml (kept for users)
+    study, root = load_study(REPO / "recipes" / "studies" / "ablations-smollm2.yaml", overrides=[f"data.train=[{rows}]"],
+                             tasks_dir=str(tmp_path))
+    all_layers = load_recipe(REPO / "recipes" / "ablations" / "smollm2-135m" / "all.yaml", run_overrides(study, "model5", 0))
+    model5 = load_recipe(recipe_path(study, root, "model5"), run_overrides(study, "model5", 0))
+    assert recipe_fingerprint(all_layers) == recipe_fingerprint(model5)
