@@ -21,25 +21,10 @@ mteb's ResultCache (revision: the weights' fingerprint). An exported model's REA
 
 --truncate-dim D scores the first D coordinates of every embedding, re-normalised (a Matryoshka size
 of loss.matryoshka_dims); the name gets "-dD" and the fingerprint the size, so sizes resume apart.
+Several sizes (`--truncate-dim 64 128 256 --output r-d{dim}.json`) are scored in one run that embeds
+each text once: a score-vs-size curve costs one encoding, not one per size.
 
-Results JSON (format "dsembed-eval/1"):
-  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint",
-             "dtype" (what the backbone computed in), "trained_dtype" (exported models)}, "mteb_version",
-   "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks", "truncate_dim"},
-   "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
-   "layer_weights": {"layers": [int], "norms": [float]} | null,
-   "tasks": {NAME: {"category", "type", "main_metric", "main_score", "items_score", "split",
-                    "instruction", "source", "scores": {subset: {metric: value}},
-                    "items": {subset: ITEMS} | null, "encoding": {"texts", "embedded"},
-                    "chance": CHANCE | null}},
-   "categories": {CATEGORY: {"mean", "n_tasks", "tasks"}}}
-  ITEMS: sts {"cosine", "gold"}; retrieval {"query_ids", "ndcg_at_10"};
-         classification {"gold", "correct"}; clustering {"sets": [{"labels", "clusters"}]}.
-  CHANCE: the score of a no-information model at the task's limit (dsembed.evaluation.chance):
-         {"score", "method", "subsets": {subset: score}, "n_items"}; classification adds
-         "random_embeddings" (mteb's classifier on random vectors), "n_labels", "train_per_label";
-         clustering "draws", "n_labels"; retrieval "candidates"; STS "gold_values"; in mteb's files
-         "dsembed_chance" in each subset's scores.
+The results JSON (format dsembed-eval/1) is described in dsembed.evaluation.run.
 """
 from __future__ import annotations
 
@@ -78,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="variant name recorded in the results (default: the folder name)")
     p.add_argument("--device", default=None, help="default: this rank's GPU when CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no encoding progress bars")
-    p.add_argument("--truncate-dim", type=int, default=None, metavar="D",
-                   help="score the first D coordinates of every embedding, re-normalised (a loss.matryoshka_dims size)")
+    p.add_argument("--truncate-dim", type=int, nargs="+", default=None, metavar="D",
+                   help="score the first D coordinates of every embedding, re-normalised (a loss.matryoshka_dims "
+                        "size); several sizes share one encoding and need {dim} in --output")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for --base (as dsembed-train key=value); repeatable")
     # the deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK
@@ -97,12 +83,6 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line minus --nproc (the ranks it starts must not start ranks themselves)."""
-    return [arg for i, arg in enumerate(argv)
-            if arg != "--nproc" and not arg.startswith("--nproc=") and not (i and argv[i - 1] == "--nproc")]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
@@ -111,16 +91,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: give at least 1")
-    launched = distributed.world_size() > 1
+    sizes = args.truncate_dim or [None]
+    if len(sizes) > 1 and "{dim}" not in args.output:
+        raise UserError(f"--truncate-dim {' '.join(map(str, sizes))}: several sizes write one file each; "
+                        f"put {{dim}} in --output (e.g. --output results-d{{dim}}.json)")
     if args.nproc is not None and args.nproc > 1:
-        if launched:
+        if distributed.world_size() > 1:
             raise UserError("--nproc starts local ranks itself; under torchrun or the deepspeed launcher leave it out")
-        return ranks.launch_local(args.nproc, "dsembed.cli.evaluate", _without_nproc(argv))
+        return ranks.launch_local(args.nproc, "dsembed.cli.evaluate", argv)
+    shared: dict[tuple, Any] | None = {} if len(sizes) > 1 else None  # one model, one encoding of each text
     ranks.start_ranks()
     try:
-        if not distributed.is_main():
-            return _serve(args)
-        return _evaluate(args)
+        for size in sizes:  # every rank runs the same sizes in the same order
+            one = argparse.Namespace(**{**vars(args), "truncate_dim": size, "shared_models": shared, "sizes": sizes,
+                                        "output": args.output.replace("{dim}", str(size)) if size else args.output})
+            code = _evaluate(one) if distributed.is_main() else _serve(one)
+            if code:
+                return code
+        return 0
     finally:
         ranks.stop_ranks()
 
@@ -152,7 +140,11 @@ def _load_model(args: argparse.Namespace, recipe, device: str):
     """The model under evaluation on `device`: an exported folder, or --base's untrained model."""
     import torch
 
-    if args.base:
+    shared, key = getattr(args, "shared_models", None), (args.model_dir, args.base, device)
+    loaded = shared.get(key) if shared is not None else None
+    if loaded is not None:
+        model = loaded
+    elif args.base:
         from dsembed.modeling.model import build_model
 
         # the seed fixes an untrained head: every rank, and a resumed run, scores the same model
@@ -164,7 +156,11 @@ def _load_model(args: argparse.Namespace, recipe, device: str):
         model = EmbeddingModel.load(args.model_dir, device=device)
     if args.truncate_dim is None:
         return model
-    from dsembed.evaluation.encoder import TruncatedModel
+    from dsembed.evaluation.encoder import EncodingMemo, TruncatedModel
+
+    if shared is not None and loaded is None:
+        # the full-size rows are kept beneath the truncation: the next size embeds nothing again
+        model = shared[key] = EncodingMemo(model, int(args.embedding_cache_gb * 2**30))
 
     if args.truncate_dim > model.dim:  # every rank loads the same model and stops alike
         raise UserError(f"--truncate-dim {args.truncate_dim}: the model's embeddings have {model.dim} dimensions")
@@ -214,11 +210,12 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         from dsembed.modeling.files import check_exported_files
 
         check_exported_files(Path(args.model_dir))
-    if args.truncate_dim is not None:
+    if args.truncate_dim is not None:  # every size checked before the first is scored
         meta = Path(args.model_dir or ".") / "dsembed.json"
         dim = json.loads(meta.read_text(encoding="utf-8")).get("dim") if args.model_dir and meta.is_file() else None
-        if args.truncate_dim < 1 or (dim is not None and args.truncate_dim > dim):
-            raise UserError(f"--truncate-dim {args.truncate_dim}: give a size from 1 to the model's {dim or 'embedding'} dimensions")
+        for size in getattr(args, "sizes", None) or [args.truncate_dim]:
+            if size < 1 or (dim is not None and size > dim):
+                raise UserError(f"--truncate-dim {size}: give a size from 1 to the model's {dim or 'embedding'} dimensions")
     if args.override and not args.base:
         raise UserError("--override applies to --base RECIPE.yaml only")
     results_dir = Path(args.results_dir) if args.results_dir else None

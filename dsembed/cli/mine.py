@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     from dsembed import distributed
-    from dsembed.cli.evaluate import _without_nproc
     from dsembed.evaluation import ranks
 
     if args.nproc is not None and args.nproc < 1:
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc is not None and args.nproc > 1:
         if distributed.world_size() > 1:
             raise UserError("--nproc starts local ranks itself; under torchrun or the deepspeed launcher leave it out")
-        return ranks.launch_local(args.nproc, "dsembed.cli.mine", _without_nproc(argv))
+        return ranks.launch_local(args.nproc, "dsembed.cli.mine", argv)
     ranks.start_ranks()
     try:
         if not distributed.is_main():

@@ -76,6 +76,43 @@ class TruncatedModel:
         return rows / np.maximum(norms, 1e-12)
 
 
+class EncodingMemo:
+    """A model whose `encode` remembers its rows: the same (instruction, text) is embedded once for
+    the life of the object, up to `budget_bytes` (then it embeds again, still correct).
+
+    What lets `dsembed-evaluate --truncate-dim 64 128 256` embed each text once: the sizes'
+    TruncatedModels share one memo of the full-size rows. Everything else is the wrapped model's.
+
+    Args:
+        model: an EmbeddingModel or any TextEncoder.
+        budget_bytes: the most row bytes kept.
+    """
+
+    def __init__(self, model: TextEncoder, budget_bytes: int) -> None:
+        self.model, self.memo = model, EmbeddingCache(budget_bytes)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model", "memo"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def encode(self, texts: list[str], instruction: str | None = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        """float32 [N, D] in input order, the remembered rows not embedded again."""
+        unique = list(dict.fromkeys(texts))
+        missing, rows = self.memo.lookup(instruction, unique)
+        if missing:
+            options: dict[str, Any] = {"instruction": instruction, "batch_size": batch_size}
+            if show_progress and "show_progress" in inspect.signature(self.model.encode).parameters:
+                options["show_progress"] = True
+            embedded = np.asarray(self.model.encode(missing, **options), dtype=np.float32)  # [M, D]
+            self.memo.add(instruction, missing, embedded)
+            rows.update(zip(missing, embedded))
+        if not texts:
+            return np.zeros((0, getattr(self.model, "dim", 0) or 0), dtype=np.float32)
+        return np.stack([rows[text] for text in texts])  # [N, D]
+
+
 class EmbeddingCache:
     """(instruction, text) -> float32 row, up to `budget_bytes` of rows; counts what it saved.
 

@@ -199,9 +199,15 @@ def _dim(model: TextEncoder) -> int:
     return int(dim)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    return [arg for i, arg in enumerate(argv)
+            if arg != "--nproc" and not arg.startswith("--nproc=") and not (i and argv[i - 1] == "--nproc")]
+
+
 def launch_local(nproc: int, module: str, argv: list[str],
                  log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> int:
-    """Run `python -m module *argv` as `nproc` local ranks (torch's elastic launcher, as torchrun does).
+    """Run `python -m module *argv` as `nproc` local ranks (torch's elastic launcher, as torchrun does);
+    argv's own --nproc option is left out (the ranks must not start ranks themselves).
 
     Each rank gets cores // nproc threads unless OMP_NUM_THREADS is set. A rank that exits with an
     error makes the launcher stop the others; the first failing rank's exit code is returned (rank 0
@@ -218,7 +224,7 @@ def launch_local(nproc: int, module: str, argv: list[str],
                           monitor_interval=0.1)
     log(f"starting {nproc} local ranks ({os.environ['OMP_NUM_THREADS']} threads each)")
     try:
-        elastic_launch(config, sys.executable)("-m", module, *argv)
+        elastic_launch(config, sys.executable)("-m", module, *_without_nproc(argv))
     except ChildFailedError as err:
         codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
         first = next((c for c in codes if c > 0), None)

@@ -13,6 +13,25 @@ Each task's main score is recomputed from the items and compared with mteb's, so
 internals shows up as a warning instead of silently wrong intervals. Beside it each task keeps the
 score of a no-information model at the limit it was run with (`chance`, see evaluation.chance), also
 written into mteb's TaskResult as the extra field `dsembed_chance` of every subset's scores.
+
+Results JSON (format "dsembed-eval/1"):
+  {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint",
+             "dtype" (what the backbone computed in), "trained_dtype" (exported models)}, "mteb_version",
+   "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks", "truncate_dim"},
+   "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
+   "layer_weights": {"layers": [int], "norms": [float]} | null,
+   "tasks": {NAME: {"category", "type", "main_metric", "main_score", "items_score", "split",
+                    "instruction", "source", "scores": {subset: {metric: value}},
+                    "items": {subset: ITEMS} | null, "encoding": {"texts", "embedded"},
+                    "chance": CHANCE | null}},
+   "categories": {CATEGORY: {"mean", "n_tasks", "tasks"}}}
+  ITEMS: sts {"cosine", "gold"}; retrieval {"query_ids", "ndcg_at_10"};
+         classification {"gold", "correct"}; clustering {"sets": [{"labels", "clusters"}]}.
+  CHANCE: the score of a no-information model at the task's limit (dsembed.evaluation.chance):
+         {"score", "method", "subsets": {subset: score}, "n_items"}; classification adds
+         "random_embeddings" (mteb's classifier on random vectors), "n_labels", "train_per_label";
+         clustering "draws", "n_labels"; retrieval "candidates"; STS "gold_values"; in mteb's files
+         "dsembed_chance" in each subset's scores.
 """
 from __future__ import annotations
 

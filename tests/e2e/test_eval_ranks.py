@@ -183,3 +183,17 @@ def test_tasks_finished_before_chance_levels_get_them_when_resumed(model_dir, ta
         assert stored["entry"]["chance"] == first["tasks"][name]["chance"]
         assert stored["mteb_task_result"]["scores"]["test"][0]["dsembed_chance"]["score"] == pytest.approx(
             first["tasks"][name]["chance"]["score"])
+
+
+def test_two_ranks_score_several_sizes_in_one_run_as_one_rank_does(model_dir, task_root, tmp_path):
+    done = _evaluate_ranks(model_dir, task_root, tmp_path / "two-d{dim}.json", "--truncate-dim", "8", "16",
+                           "--tasks", "TinySTS", "TinyClassification")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for size in (8, 16):
+        assert _evaluate_in_process(model_dir, task_root, tmp_path / f"one-d{size}.json", "--truncate-dim", str(size),
+                                    "--tasks", "TinySTS", "TinyClassification") == 0
+        two, one = (json.loads((tmp_path / f"{run}-d{size}.json").read_text()) for run in ("two", "one"))
+        assert two["settings"]["ranks"] == 2 and two["settings"]["truncate_dim"] == size
+        assert two["encoding"]["embedded"] == one["encoding"]["embedded"] > 0
+        main_diff, item_diff = differences(one, two)
+        assert main_diff <= 1e-4 and item_diff <= 1e-4, (size, main_diff, item_diff)

@@ -80,3 +80,35 @@ def test_evaluate_truncate_dim_scores_a_size_as_its_own_model(exported, task_roo
     assert _evaluate(exported, task_root, tmp_path / "bad.json", "--truncate-dim", "64") == 2
     assert "--truncate-dim 64" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_several_sizes_in_one_run_embed_each_text_once_and_score_as_separate_runs(exported, task_root, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from dsembed.modeling.model import EmbeddingModel
+
+    embedded: list[int] = []
+    encode = EmbeddingModel.encode
+
+    def counting(self, texts, *args, **kwargs):
+        embedded.append(len(texts))
+        return encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingModel, "encode", counting)
+    assert _evaluate(exported, task_root, tmp_path / "both-d{dim}.json", "--truncate-dim", "8", "16") == 0
+    together = sum(embedded)
+    embedded.clear()
+    for size in (8, 16):
+        assert _evaluate(exported, task_root, tmp_path / f"alone-d{size}.json", "--truncate-dim", str(size)) == 0
+    assert together > 0 and 2 * together == sum(embedded)  # each text embedded once for both sizes
+    for size in (8, 16):
+        both, alone = (json.loads((tmp_path / f"{run}-d{size}.json").read_text()) for run in ("both", "alone"))
+        assert both["model"]["name"] == f"model-d{size}" and both["settings"]["truncate_dim"] == size
+        assert both["model"]["fingerprint"] == alone["model"]["fingerprint"]
+        for task in ("TinySTS", "TinyRetrieval"):
+            assert both["tasks"][task]["main_score"] == alone["tasks"][task]["main_score"]
+    capsys.readouterr()
+    assert _evaluate(exported, task_root, tmp_path / "one.json", "--truncate-dim", "8", "16") == 2
+    assert "put {dim} in --output" in capsys.readouterr().err
+    assert _evaluate(exported, task_root, tmp_path / "bad-d{dim}.json", "--truncate-dim", "8", "64") == 2
+    assert "--truncate-dim 64" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad-*"))  # every size is checked before the first is scored
