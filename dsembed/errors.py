@@ -49,14 +49,19 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except UserError as err:
-        message = " ".join(str(err).split("\n"))
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        _say_line("error: " + " ".join(str(err).split("\n")))
         return 2
     except TrainingError as err:
-        message = " ".join(str(err).split("\n"))
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        _say_line("error: " + " ".join(str(err).split("\n")))
         return 3
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        _say_line("interrupted")
         return 130
     return 0 if code is None else int(code)
+
+
+def _say_line(line: str) -> None:
+    """One line to stderr in one write: ranks that fail together share a pipe, and print's two writes
+    (text, then newline; stderr writes through) let another rank's line land between them."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
