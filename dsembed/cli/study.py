@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=[], metavar="RUN",
                         help="train and export RUN (e.g. model1-s0) even where its evaluation is already finished; "
                              "by default such runs are not retrained (their model is not needed); repeatable")
+    parser.add_argument("--stage", action="append", default=None, metavar="LABEL",
+                        help="run only this stage (e.g. 'evaluate base', 'train model2-s1'; --plan lists them), "
+                             "for instance on another machine beside the main run; no report; repeatable")
     parser.add_argument("--nnodes", type=int, help="nodes per training run (launcher deepspeed; overrides the study's nnodes)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile naming the nodes (overrides the study's hostfile)")
     parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
@@ -54,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         plan(study, root, Path(args.output_dir) if args.output_dir else None)
         return 0
     report = StudyRunner(study, root, args.output_dir, rerun_stale=args.rerun_stale, reuse=args.reuse,
-                         models=args.model).run()
-    print(f"[study {study.name}] report: {report}/report.md", flush=True)
+                         models=args.model, only=args.stage).run()
+    if args.stage is None:
+        print(f"[study {study.name}] report: {report}/report.md", flush=True)
     return 0
 
 

@@ -54,7 +54,8 @@ class StudyRunner:
     """Runs the stages of one study in order, skipping what is already done."""
 
     def __init__(self, study: StudyConfig, root: Path, out: Path | None = None, rerun_stale: bool = False,
-                 reuse: list[Path] | None = None, models: list[str] | None = None) -> None:
+                 reuse: list[Path] | None = None, models: list[str] | None = None,
+                 only: list[str] | None = None) -> None:
         self.study = study
         runs = [run.key for run in training_runs(study)]
         unknown = [name for name in models or [] if name not in runs]
@@ -62,6 +63,7 @@ class StudyRunner:
             raise UserError(f"study {study.name}: --model {unknown[0]} is not a run of the study; "
                             f"name one of: {', '.join(runs)}")
         self.models = list(models or [])  # runs to train and export even where their evaluation is finished
+        self.only = None if only is None else list(only)  # stage labels to run now; the others are left as they are
         self.root = root
         out_dir = Path(out or study.output_dir)
         self.out = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
@@ -158,6 +160,22 @@ class StudyRunner:
                                             "remove": [out / "probe"]}
         return stages
 
+    def _check_only(self, stages: dict[str, dict[str, Any]]) -> None:
+        """The stages `only` names exist and can run: what each reads is there or runs first.
+
+        Raises:
+            UserError: an unknown stage label, or a stage whose input is missing.
+        """
+        for label in self.only or []:
+            if label not in stages:
+                raise UserError(f"study {self.study.name}: --stage {label!r} is not a stage of the study; stages: "
+                                f"{', '.join(list(stages)[:6])}, ... (dsembed-study FILE --plan lists them all)")
+            verb, name = label.split(" ", 1)
+            needs = {"export": f"train {name}", "evaluate": f"export {name}"}.get(verb) if name != BASE_NAME else None
+            if needs and needs not in self.only and not stages[needs]["output"].exists():
+                raise UserError(f"study {self.study.name}: --stage {label!r} needs {needs!r}, which has not run here; "
+                                f"add --stage {needs!r} (and what it needs), or leave --stage out")
+
     def not_needed(self, stages: dict[str, dict[str, Any]]) -> set[str]:
         """Train and export stages that no stage of the study still needs: the run's evaluation is
         finished (often reused from an earlier machine), its model is not here and not asked for
@@ -215,14 +233,19 @@ class StudyRunner:
         stages = self._stages()
         ledger = StageLedger(out)
         self._check_stale(stages, ledger)  # before anything is written
+        self._check_only(stages)
         tasks = self.tasks_arguments()
         for sub in ("runs", "models", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         reuse_finished(stages, out, ledger, self.reuse, lambda line: print(f"[study {study.name}] {line}", flush=True))
         runs = training_runs(study)
         skipped = self.not_needed(stages)
+        if self.only is not None:  # --stage: the named stages and nothing else
+            skipped = set(stages) - set(self.only)
 
         def stage(key: str, label: str, done: str, command: list[str]) -> None:
+            if key in skipped:
+                return
             # recorded before the stage runs: a study killed just after the stage finished must
             # not leave an output without the inputs it was made from
             ledger.record(key, stages[key]["fingerprint"])
@@ -238,13 +261,15 @@ class StudyRunner:
             overrides = run_overrides(study, run.variant, run.seed) + [f"train.output_dir={run_dir}"]
             prefix = f"({i}/{len(runs)}) {name}"
             if f"train {name}" in skipped:
-                print(f"[study {study.name}] {prefix}: evaluated already; not trained here (its model is not needed; "
-                      f"--model {name} trains it)", flush=True)
-                continue
-            ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
-            if (run_dir / "TRAINED").exists():
+                if self.only is None:
+                    print(f"[study {study.name}] {prefix}: evaluated already; not trained here (its model is not "
+                          f"needed; --model {name} trains it)", flush=True)
+                    continue
+            elif (run_dir / "TRAINED").exists():
+                ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
                 print(f"[study {study.name}] {prefix}: trained already", flush=True)
             else:
+                ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
                 self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root), f"train {name}")
                 (run_dir / "TRAINED").write_text("ok\n")
             stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
@@ -258,6 +283,10 @@ class StudyRunner:
         if study.probe_base:
             stage(f"probe {BASE_NAME}", f"{BASE_NAME}: probe layers", f"{BASE_NAME}: probed already",
                   self._probe_command(tasks))
+        if self.only is not None:
+            print(f"[study {study.name}] ran the stages asked for ({', '.join(self.only)}); a run without --stage "
+                  "runs the rest and writes the report", flush=True)
+            return out / "report"
         results = [str(out / "results" / f"{n}.json")
                    for n in ([BASE_NAME] if study.include_base else []) + [run.key for run in runs]]
         baseline = study.baseline or (BASE_NAME if study.include_base else runs[0].variant)

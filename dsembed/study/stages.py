@@ -101,9 +101,10 @@ class StageLedger:
 
     def __init__(self, out: Path) -> None:
         self.path = out / LEDGER
-        self.entries: dict[str, Any] = {}
-        if self.path.is_file():
-            self.entries = json.loads(self.path.read_text(encoding="utf-8"))
+        self.entries: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
 
     def stale(self, label: str, fingerprint: dict[str, Any]) -> list[str] | None:
         """None when the recorded fingerprint matches (or none was recorded); else what changed."""
@@ -113,12 +114,14 @@ class StageLedger:
         return changes(recorded, _plain(fingerprint)) or None
 
     def record(self, label: str, fingerprint: dict[str, Any]) -> None:
-        """Store a finished stage's fingerprint."""
-        self.entries[label] = _plain(fingerprint)
+        """Store a finished stage's fingerprint (the file read again first: a `--stage` run beside
+        this one may have recorded its own stages since)."""
+        self.entries = {**self._read(), label: _plain(fingerprint)}
         self._write()
 
     def forget(self, label: str) -> None:
         """Drop a stage's record (its output is being redone)."""
+        self.entries = self._read()
         if self.entries.pop(label, None) is not None:
             self._write()
 

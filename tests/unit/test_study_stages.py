@@ -149,3 +149,35 @@ def test_a_run_evaluated_already_is_not_retrained_unless_its_model_is_asked_for(
     assert ran == ["train a", "export a", "compare"]  # b: evaluated, model not asked for
     with pytest.raises(UserError, match="--model c is not a run of the study; name one of: a, b"):
         StudyRunner(study, root, tmp_path / "out", models=["c"])
+
+
+def test_stage_runs_only_the_named_stages_and_checks_their_inputs(tmp_path, monkeypatch):
+    """--stage 'evaluate base' (on another machine, or at the end of a session) runs that stage and
+    nothing else; a stage whose input has not run is refused in one line; two runs on one folder
+    keep each other's ledger entries."""
+    from dsembed.errors import UserError
+    from dsembed.study.runner import StudyRunner
+    from dsembed.study.stages import StageLedger
+
+    study, root = load_study(_study(tmp_path, "variants: {a: r.yaml, b: r.yaml}\n"))
+    ran: list[str] = []
+
+    def fake_run(self, label, command, key=None):
+        ran.append(key or label)
+        (self.out / "results" / "base.json").write_text("{}")
+
+    monkeypatch.setattr(StudyRunner, "_run", fake_run)
+    out = tmp_path / "out"
+    StudyRunner(study, root, out, only=["evaluate base"]).run()
+    assert ran == ["evaluate base"] and not (out / "runs" / "a").exists() and not (out / "report").exists()
+    assert "evaluate base" in StageLedger(out).entries
+    with pytest.raises(UserError, match="--stage 'evaluate b' needs 'export b', which has not run here; add --stage 'export b'"):
+        StudyRunner(study, root, out, only=["evaluate b"]).run()
+    with pytest.raises(UserError, match="--stage 'evaluate c' is not a stage of the study"):
+        StudyRunner(study, root, out, only=["evaluate c"]).run()
+    assert ran == ["evaluate base"]  # the refused runs ran nothing
+
+    first, second = StageLedger(out), StageLedger(out)  # e.g. the main run and a --stage run beside it
+    second.record("evaluate a", {"x": 1})
+    first.record("train b", {"y": 2})
+    assert {"evaluate base", "evaluate a", "train b"} <= set(StageLedger(out).entries)
