@@ -1,6 +1,6 @@
 """A study: train several recipes, export each, evaluate them (and the untrained base), compare.
 
-A study file is YAML (schema `StudyConfig`, strict like recipes). Each stage runs as its own process
+A study file is YAML (schema and checks: dsembed.study.config). Each stage runs as its own process
 through the same command lines a user would type, so a multi-rank launcher, DeepSpeed process
 groups and memory are fresh for every stage, and a study interrupted anywhere resumes: finished
 stages are recognised by what they leave behind.
