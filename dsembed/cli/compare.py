@@ -27,7 +27,9 @@ the first table and the answers use (default all datasets). comparison.json:
                        "flag": reason | null, "problems": [construction problem],
                        "bootstrap": {variant: {"difference", "low", "high", "n_resamples",
                                                "confidence", "significant"} | {"error"}}}},
-   "layer_weights": {variant: {"layers", "norms"}}}
+   "layer_weights": {variant: {"layers", "norms"}},
+   "training": {variant: [{"seed", "steps", "first_accuracy", "last_accuracy", "last_loss",
+                          "last_cosine_gap", "max_grad_norm", "max_grad_step", "behind"}]}}
 A variant's name is the results' model name (dsembed-evaluate --name), else the file name stem.
 Results with the same name and different model.train_seed are the seeds of one variant: each
 dataset's score is their mean before the tests over datasets (dsembed.evaluation.comparison).

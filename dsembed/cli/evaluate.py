@@ -351,6 +351,7 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
 
     from dsembed.evaluation.report import format_results_table
     from dsembed.atomic import write_text_atomic
+    from dsembed.training.run_summary import read_summary
 
     from dsembed import distributed
 
@@ -364,6 +365,9 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
                     dtype=_compute_dtype(args, recipe))
         if args.model_dir:
             info["trained_dtype"] = recipe.model.dtype  # a bf16 run's LoRA merge is exported (and computes) in float32
+            training = read_summary(args.model_dir)
+            if training is not None:  # a collapsed seed is then seen in the comparison, not only in its scores
+                info["training"] = training
     info["fingerprint"] = job["store"].model
     results["model"] = info
     results["mteb_version"] = mteb.__version__

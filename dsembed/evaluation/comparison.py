@@ -11,7 +11,8 @@ trained several times (`load_results` groups them). Each dataset's score is the 
 seeds before any test over datasets; a bootstrap draw resamples the same items for every seed
 and averages the seeds' scores. Per category the record keeps each seed's mean, their standard
 deviation and the seed-to-seed difference of the same variant: the noise floor a difference
-between designs must exceed.
+between designs must exceed. Each trained run's learning-curve summary (`training`) comes along, so a
+seed that collapsed is named as such rather than only averaged in.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if all(e.get("items") for e in entries):
             merged["seed_items"] = [e["items"] for e in entries]
         tasks[name] = merged
-    return dict(runs[0], tasks=tasks, seeds=seeds)
+    return dict(runs[0], tasks=tasks, seeds=seeds, seed_training=[(r.get("model") or {}).get("training") for r in runs])
 
 
 def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
@@ -86,6 +87,29 @@ def load_results(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
         for path, data in members:
             key = name if name not in out else (path.stem if path.stem not in out else str(path))
             out[key] = data
+    return out
+
+
+# a seed whose final in-batch accuracy is below this fraction of its best sibling's did not learn what
+# the others learned (a collapse, or a run cut short): its scores pull the variant's mean down
+FAR_BEHIND = 0.5
+
+
+def training_runs(variants: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per variant, each trained run's summary (dsembed.training.run_summary; results of models
+    exported with one) with its seed and `behind`: far behind the variant's best seed (FAR_BEHIND)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for v, results in variants.items():
+        model = results.get("model") or {}
+        seeds = results.get("seeds") or [model.get("train_seed")]
+        summaries = results.get("seed_training") or [model.get("training")]
+        runs = [dict(summary, seed=seed) for seed, summary in zip(seeds, summaries) if summary]
+        if not runs:
+            continue
+        best = max((r["last_accuracy"] or 0.0) for r in runs)
+        for r in runs:
+            r["behind"] = bool(len(runs) > 1 and (r["last_accuracy"] or 0.0) < FAR_BEHIND * best)
+        out[v] = runs
     return out
 
 
@@ -213,7 +237,7 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
             "n_resamples": n_resamples, "categories": categories,
             "categories_informative": categories_informative,
             "flagged": {n: info[n]["flag"] for n in ordered if info[n]["flag"]},
-            "datasets": datasets, "layer_weights": layer_weights}
+            "datasets": datasets, "layer_weights": layer_weights, "training": training_runs(variants)}
 
 
 def headline_view(comparison: dict[str, Any]) -> tuple[dict[str, Any], int]:

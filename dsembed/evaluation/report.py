@@ -115,19 +115,46 @@ def seed_lines(comparison: dict[str, Any], categories: dict[str, Any]) -> list[s
     if not seeded:
         return []
     cats = list(categories)
-    out = ["", "Seeds: category mean x100 ± sd over training seeds (each seed's mean over the datasets), and "
-           "the mean seed-to-seed difference of the same variant in brackets: a difference between designs "
-           "below it is within training noise.", "",
+    out = ["", "Seeds: category mean x100 ± sd over training seeds (each seed's mean over the datasets), "
+           "the mean seed-to-seed difference of the same variant in brackets (a difference between designs "
+           "below it is within training noise), and each seed's mean in parentheses.", "",
            "| variant | seeds | " + " | ".join(cats) + " |", "|---|---|" + "---:|" * len(cats)]
     for v in seeded:
         cells = []
         for c in cats:
             st = categories[c].get("seeds", {}).get(v)
-            cells.append("-" if st is None else f"{100 * st['mean']:.2f} ± {100 * st['sd']:.2f} [{100 * st['seed_to_seed']:.2f}]")
+            cells.append("-" if st is None else f"{100 * st['mean']:.2f} ± {100 * st['sd']:.2f} [{100 * st['seed_to_seed']:.2f}] ("
+                         + ", ".join(f"{100 * x:.2f}" for x in st["per_seed"]) + ")")
         seeds = next(iter(categories[c]["seeds"][v]["seeds"] for c in cats if v in categories[c].get("seeds", {})))
         out.append(f"| {v} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     floors = [categories[c]["seeds"][v]["seed_to_seed"] for c in cats for v in seeded if v in categories[c].get("seeds", {})]
     out += ["", f"Mean seed-to-seed difference over variants and categories: {100 * float(np.mean(floors)):.2f} points."]
+    return out
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def training_lines(comparison: dict[str, Any]) -> list[str]:
+    """The trained runs' learning curves in a few numbers, a seed far behind its siblings marked."""
+    runs = comparison.get("training") or {}
+    if not runs:
+        return []
+    out = ["", "Training runs (results of models exported with a training summary): in-batch accuracy over the "
+           "first and the last 10 logged steps, loss and positive - negative cosine over the last 10 (near 0: "
+           "every text embedded alike), the largest gradient norm and its step. ⚠ = final accuracy below half "
+           "of the variant's best seed: a collapsed or failed run, averaged into the variant's scores.", "",
+           "| variant | seed | steps | accuracy first → last | loss (last) | cosine gap (last) | max grad norm (step) |",
+           "|---|---:|---:|---|---:|---:|---:|"]
+    for v, rows in runs.items():
+        for r in rows:
+            out.append(f"| {v}{' ⚠' if r['behind'] else ''} | {r['seed']} | {r['steps']} | "
+                       f"{_number(r['first_accuracy'])} → {_number(r['last_accuracy'])} | {_number(r['last_loss'])} | "
+                       f"{_number(r['last_cosine_gap'], 3)} | {_number(r['max_grad_norm'], 1)} ({r['max_grad_step']}) |")
+    behind = [f"{v} seed {r['seed']}" for v, rows in runs.items() for r in rows if r["behind"]]
+    if behind:
+        out += ["", f"Far behind their variant's other seeds: {', '.join(behind)}."]
     return out
 
 
@@ -141,7 +168,7 @@ def markdown(comparison: dict[str, Any]) -> str:
            f"Category means x100 over the datasets all variants have (a variant trained with several seeds: "
            f"each dataset's mean over its seeds). ▲*/▼*: Wilcoxon signed-rank (two-sided, paired over "
            f"datasets) {p_name} < {comparison['alpha']} vs the baseline. Multiple testing: {family_text(comparison)}.", "",
-           _which_view(comparison), ""] + _tables(comparison, categories) + seed_lines(comparison, categories)
+           _which_view(comparison), ""] + _tables(comparison, categories) + seed_lines(comparison, categories) + training_lines(comparison)
     if comparison.get("flagged"):
         other, _, label = other_view(comparison)
         out += ["", f"### The same {label}", ""]

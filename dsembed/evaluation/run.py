@@ -16,7 +16,9 @@ written into mteb's TaskResult as the extra field `dsembed_chance` of every subs
 
 Results JSON (format "dsembed-eval/1"):
   {"format", "model": {"name", "path"|"recipe", "pooling", "attention", "train_seed", "fingerprint",
-             "dtype" (what the backbone computed in), "trained_dtype" (exported models)}, "mteb_version",
+             "dtype" (what the backbone computed in), "trained_dtype" (exported models),
+             "training" (the run's learning-curve summary, dsembed.training.run_summary; exported
+             models that carry one)}, "mteb_version",
    "created", "settings": {"batch_size", "limit", "task_limits", "instructions", "ranks", "truncate_dim"},
    "encoding": {"texts", "embedded", "reused", "texts_per_rank", "finished_earlier": [TASK]},
    "layer_weights": {"layers": [int], "norms": [float]} | null,

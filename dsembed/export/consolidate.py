@@ -15,6 +15,8 @@ Folder written (OUT_DIR):
                                         Normalize, the generated dsembed_model.py, or dsembed_st.py
     config_sentence_transformers.json   prompts ("query" = the training instruction in the query
                                         template; per MTEB task / task type, as dsembed-evaluate uses)
+    training.json                       the run's learning curve in a few numbers (dsembed.training.run_summary;
+                                        absent when the run directory has no metrics.jsonl)
     README.md                           model card (dsembed/export/model_card.py): variant, base model, data,
                                         steps, loading without dsembed; results after dsembed-evaluate
 It is written to OUT_DIR.tmp-<pid> and renamed at the end, so OUT_DIR is either complete or absent.
@@ -33,10 +35,12 @@ from typing import Any, Callable
 
 import yaml
 
+from dsembed.atomic import write_text_atomic
 from dsembed.config import recipe_from_dict
 from dsembed.errors import CheckpointError, UserError
 from dsembed.export.model_card import model_card
 from dsembed.export.st_files import sentence_transformers_prompts, write_sentence_transformers_files  # noqa: F401 - public here too
+from dsembed.training.run_summary import SUMMARY_FILE, summarize_metrics
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -221,6 +225,10 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, keep_adapter: boo
         out_dir.parent.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failure writes nothing
         model.save(tmp, merge_lora=not keep_adapter)
         summary.form = write_sentence_transformers_files(tmp, model, keep_adapter and is_peft)
+        # the run's learning curve in a few numbers: a collapsed run exports and evaluates like any other
+        training = summarize_metrics(folder.parent / "metrics.jsonl", up_to_step=summary.step)
+        if training is not None:
+            write_text_atomic(tmp / SUMMARY_FILE, json.dumps(training, indent=1) + "\n")
         summary.backbone_dtype = json.loads((tmp / "dsembed.json").read_text(encoding="utf-8"))["backbone_dtype"]
         prompts = json.loads((tmp / "config_sentence_transformers.json").read_text(encoding="utf-8"))["prompts"]
         (tmp / "README.md").write_text(model_card(recipe, summary, prompts), encoding="utf-8")

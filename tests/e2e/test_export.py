@@ -135,6 +135,9 @@ def test_export_matches_live_engine_and_sentence_transformers(runs: Path, export
     card = (folder / "README.md").read_text()
     assert f"| attention | {attention} |" in card and f"| pooling | {pooling} |" in card and "| steps | 2 " in card
     assert "synthetic:512" in card
+    # the run's learning curve travels with the model (read by dsembed-evaluate into its results)
+    training = json.loads((folder / "training.json").read_text())
+    assert training["steps"] == 2 and 0.0 <= training["last_accuracy"] <= 1.0 and training["max_grad_step"] in (1, 2)
     assert not (folder / "adapter").exists() and not list(folder.parent.glob("model.tmp-*"))
     if pooling == "multi_layer_attention":  # W is consolidated from its ZeRO partitions, as the live engine had it
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -112,3 +112,17 @@ def test_several_sizes_in_one_run_embed_each_text_once_and_score_as_separate_run
     assert _evaluate(exported, task_root, tmp_path / "bad-d{dim}.json", "--truncate-dim", "8", "64") == 2
     assert "--truncate-dim 64" in capsys.readouterr().err
     assert not list(tmp_path.glob("bad-*"))  # every size is checked before the first is scored
+
+
+def test_evaluate_carries_the_training_summary_of_an_exported_model(exported, task_root, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(exported, model)
+    summary = {"steps": 40, "window": 10, "first_accuracy": 0.2, "last_accuracy": 0.3, "last_loss": 2.1,
+               "last_cosine_gap": 0.02, "max_grad_norm": 29.3, "max_grad_step": 6}
+    (model / "training.json").write_text(json.dumps(summary))
+    assert _evaluate(model, task_root, tmp_path / "r.json") == 0
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["training"] == summary
+    assert _evaluate(exported, task_root, tmp_path / "plain.json") == 0  # a model without one: no key
+    assert "training" not in json.loads((tmp_path / "plain.json").read_text())["model"]
