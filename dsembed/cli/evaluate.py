@@ -195,7 +195,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     from dsembed.evaluation import resume, run
     from dsembed.evaluation.chance import chance_level
     from dsembed.evaluation.tasks import load_local_tasks
-    from dsembed.study.stages import recipe_fingerprint
+    from dsembed.study.stages import base_fingerprint
 
     if bool(args.model_dir) == bool(args.base):
         raise UserError("give exactly one of MODEL_DIR or --base RECIPE.yaml")
@@ -245,7 +245,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     store_folder = resume.TaskStore.for_output(output)
     model_files = None
     if args.base:
-        fingerprint = "recipe:" + hashlib.sha256(json.dumps(recipe_fingerprint(recipe), sort_keys=True,
+        fingerprint = "recipe:" + hashlib.sha256(json.dumps(base_fingerprint(recipe), sort_keys=True,
                                                             default=str).encode()).hexdigest()
     else:
         fingerprint, model_files = resume.model_fingerprint(Path(args.model_dir), store_folder, output)

@@ -33,7 +33,7 @@ from dsembed.errors import UserError
 from dsembed.atomic import write_text_atomic
 from dsembed.study.config import (BASE_NAME, StudyConfig, holm_family, hostfile_path,
                                   recipe_path, run_overrides, training_runs)
-from dsembed.study.stages import (StageLedger, changes as _changes, check_reuse_sources, recipe_fingerprint, record_time,
+from dsembed.study.stages import (StageLedger, base_fingerprint, changes as _changes, check_reuse_sources, recipe_fingerprint, record_time,
                                   reuse_finished, times_table)
 
 def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root: Path = Path(".")) -> list[str]:
@@ -150,7 +150,7 @@ class StudyRunner:
                                           "remove": [out / "results" / f"{name}.json"]}
         if study.include_base:
             first = next(iter(study.variants))
-            base = recipe_fingerprint(load_recipe(recipe_path(study, self.root, first), run_overrides(study, first)))
+            base = base_fingerprint(load_recipe(recipe_path(study, self.root, first), run_overrides(study, first)))
             stages[f"evaluate {BASE_NAME}"] = {"output": out / "results" / f"{BASE_NAME}.json",
                                                "fingerprint": {"base": base, "evaluation": evaluation},
                                                "remove": [out / "results" / f"{BASE_NAME}.json"]}

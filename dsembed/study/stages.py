@@ -48,6 +48,23 @@ def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
     return {"recipe": flat, "model": model_identity(recipe)}
 
 
+# what only training reads: the untrained base is evaluated the same whatever these say, so a new
+# learning rate or data mix does not re-evaluate it (train.seed stays: it seeds a trainable head's init)
+_TRAINING_ONLY = ("optim", "loss", "deepspeed", "eval", "data.train", "data.num_negatives", "data.batching",
+                  "data.source_weights", "data.skip_malformed", "data.max_rows", "data.seed", "train.max_steps",
+                  "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size",
+                  "train.cache_chunk_size", "train.save_steps", "train.save_total_limit", "train.log_steps")
+
+
+def base_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """recipe_fingerprint without the keys only training reads (_TRAINING_ONLY): what the untrained
+    base's evaluation and layer probe are made from."""
+    full = recipe_fingerprint(recipe)
+    kept = {k: v for k, v in full["recipe"].items()
+            if not any(k == key or k.startswith(key + ".") for key in _TRAINING_ONLY)}
+    return {"recipe": kept, "model": full["model"]}
+
+
 def model_identity(recipe: Recipe) -> str | None:
     """What the input model is: a hash of a local model's file list (name, size, mtime), a `pkg:`
     package's version, or None (a random_init model or a hub id: the recipe already names it)."""

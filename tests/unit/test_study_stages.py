@@ -181,3 +181,31 @@ def test_stage_runs_only_the_named_stages_and_checks_their_inputs(tmp_path, monk
     second.record("evaluate a", {"x": 1})
     first.record("train b", {"y": 2})
     assert {"evaluate base", "evaluate a", "train b"} <= set(StageLedger(out).entries)
+
+
+def test_a_new_learning_rate_retrains_the_variants_but_keeps_the_base(tmp_path):
+    """The untrained base is evaluated the same whatever the training settings say: a new lr or
+    data mix must not cost a base re-evaluation; its model, pooling or attention must."""
+    from dsembed.study.runner import StudyRunner
+    from dsembed.study.stages import base_fingerprint
+
+    def stages(extra: str) -> dict:
+        study, root = load_study(_study(tmp_path, f"variants: {{a: r.yaml}}\ninclude_base: true\n{extra}"))
+        return StudyRunner(study, root, tmp_path / "out")._stages()
+
+    before = stages("")
+    ledger = StageLedger(tmp_path / "ledger")
+    for label in ("train a-s0" if "train a-s0" in before else "train a", "evaluate base"):
+        ledger.record(label, before[label]["fingerprint"])
+    train = next(label for label in before if label.startswith("train "))
+    after = stages("overrides: [optim.lr=1.0e-5, train.max_steps=7, loss.temperature=0.1]\n")
+    assert ledger.stale(train, after[train]["fingerprint"])  # the variant is retrained
+    assert ledger.stale("evaluate base", after["evaluate base"]["fingerprint"]) is None
+    other = stages("overrides: [attention.mode=causal]\n")
+    assert ledger.stale("evaluate base", other["evaluate base"]["fingerprint"]) == ["attention.mode 'bidirectional' -> 'causal'"]
+    # a ledger written before base fingerprints left out the training keys stays current
+    old = StageLedger(tmp_path / "old")
+    old.record("evaluate base", {**before["evaluate base"]["fingerprint"],
+                                 "base": recipe_fingerprint(load_recipe(tmp_path / "r.yaml"))})
+    assert set(old.entries["evaluate base"]["base"]["recipe"]) > set(base_fingerprint(load_recipe(tmp_path / "r.yaml"))["recipe"])
+    assert old.stale("evaluate base", after["evaluate base"]["fingerprint"]) is None
