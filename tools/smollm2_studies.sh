@@ -12,6 +12,8 @@
 #     --save-finished docs/results/data/<study>)
 # are reused when OUT lacks them: a new machine does not re-evaluate what was already scored with the
 # same recipe and settings, nor retrain those runs (only model1-s0, which the mining step needs).
+# docs/results/data/<study>-run1 keeps an earlier run made with other training settings: of it only
+# what those settings do not touch (the untrained base's evaluation) matches, and is reused.
 set -o pipefail
 OUT=${1:-$HOME/dsembed-studies}
 DATA=../shared/data
@@ -19,7 +21,9 @@ TRAIN="$DATA/train/nli_triplets.jsonl $DATA/train/paraphrase_pairs.jsonl $DATA/t
 OVERRIDE="data.train=[$DATA/train/nli_triplets.jsonl, $DATA/train/paraphrase_pairs.jsonl, $DATA/train/trecqa_triplets.jsonl]"
 step() { echo "=== $(date -u +%FT%TZ) $*"; }
 fail() { step "$*"; exit 1; }
-saved() { [ -f docs/results/data/$1/stages.json ] && echo "--reuse docs/results/data/$1"; }
+saved() {  # the study's saved evaluations, then those of its earlier runs (<study>-run1, ...: the base is shared)
+  for d in docs/results/data/$1 docs/results/data/$1-run*; do [ -f $d/stages.json ] && echo "--reuse $d"; done
+}
 study() {  # name, extra dsembed-study arguments
   local name=$1; shift
   step "start $name at $(git log --oneline -1 2>/dev/null | cut -c1-60)"
