@@ -44,6 +44,25 @@ def world_size() -> int:
     return dist.get_world_size() if _initialized() else max(1, _env_int("WORLD_SIZE", 1))
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`; a rank of a multi-process run skips the interpreter's finalization.
+
+    Why: gloo's worker threads can still hold work objects when the interpreter tears down at exit,
+    and their destructors then call std::terminate ("terminate called without an active exception",
+    SIGABRT): the rank's exit code (3 after a non-finite loss, even 0) becomes -6 and the launcher
+    reports a crash. Seen in 2-rank CPU runs (pytorch PR 179291 describes the cause). By this point
+    everything a run writes is closed (checkpoints are atomic; monitor and metrics close in
+    `finally`), so only the finalization is skipped; a single process exits normally.
+    """
+    import sys
+
+    if world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def local_rank() -> int:
     """This process's rank on its machine (LOCAL_RANK, 0 when unset)."""
     return _env_int("LOCAL_RANK", 0)

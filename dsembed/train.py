@@ -107,7 +107,9 @@ def _say(message: Any) -> None:
 
 def cli() -> None:
     """Console script `dsembed-train`."""
-    sys.exit(run_cli(main))
+    from dsembed.distributed import exit_process
+
+    exit_process(run_cli(main))  # a rank skips finalization, where gloo threads can abort it
 
 
 if __name__ == "__main__":

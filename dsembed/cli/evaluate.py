@@ -352,7 +352,6 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
     from dsembed.evaluation.report import format_results_table
     from dsembed.atomic import write_text_atomic
     from dsembed.training.run_summary import read_summary
-
     from dsembed import distributed
 
     recipe = job["recipe"]
@@ -392,8 +391,9 @@ def _write(args: argparse.Namespace, job: dict[str, Any], results: dict[str, Any
 
 
 def cli() -> None:
-    """Console-script entry point."""
-    sys.exit(run_cli(main))
+    """Console-script entry point (a rank skips finalization, where gloo threads can abort it)."""
+    from dsembed.distributed import exit_process
+    exit_process(run_cli(main))
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def _plan(args: argparse.Namespace, recipe: Any, fingerprint: str, job: Any):
 
 def cli() -> None:
     """Console-script entry point."""
-    sys.exit(run_cli(main))
+    from dsembed.distributed import exit_process
+
+    exit_process(run_cli(main))  # a rank skips finalization, where gloo threads can abort it
 
 
 if __name__ == "__main__":
