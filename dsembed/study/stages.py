@@ -41,11 +41,14 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
+def _without(flat: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """`flat` without the dotted keys that are, or lie under, one of `sections`."""
+    return {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in sections)}
+
+
 def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
     """The recipe's model-relevant keys (dotted -> value) and its input model's identity."""
-    flat = {k: v for k, v in _flat(recipe.to_dict()).items()
-            if not any(k == ignored or k.startswith(ignored + ".") for ignored in _IGNORED)}
-    return {"recipe": flat, "model": model_identity(recipe)}
+    return {"recipe": _without(_flat(recipe.to_dict()), _IGNORED), "model": model_identity(recipe)}
 
 
 # what only training reads: the untrained base is evaluated the same whatever these say, so a new
@@ -60,9 +63,7 @@ def base_fingerprint(recipe: Recipe) -> dict[str, Any]:
     """recipe_fingerprint without the keys only training reads (_TRAINING_ONLY): what the untrained
     base's evaluation and layer probe are made from."""
     full = recipe_fingerprint(recipe)
-    kept = {k: v for k, v in full["recipe"].items()
-            if not any(k == key or k.startswith(key + ".") for key in _TRAINING_ONLY)}
-    return {"recipe": kept, "model": full["model"]}
+    return {"recipe": _without(full["recipe"], _TRAINING_ONLY), "model": full["model"]}
 
 
 def model_identity(recipe: Recipe) -> str | None:
