@@ -293,7 +293,10 @@ class EmbeddingModel(nn.Module):
             if (src / "adapter").is_dir():
                 from peft import PeftModel
                 with quiet_peft():
-                    backbone = PeftModel.from_pretrained(backbone, src / "adapter")
+                    # the adapter computes in the backbone's dtype, as it trained (_apply_lora); peft's
+                    # default upcast to float32 is slower (SmolLM2-135M bf16, 384 texts, AMD EPYC:
+                    # 15.9 s upcast, 11.1 s as trained; the float32 merge 16.9 s)
+                    backbone = PeftModel.from_pretrained(backbone, src / "adapter", autocast_adapter_dtype=False)
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
             state = load_file(str(src / "pooler.safetensors"))

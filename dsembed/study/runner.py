@@ -6,7 +6,7 @@ groups and memory are fresh for every stage, and a study interrupted anywhere re
 stages are recognised by what they leave behind.
 
     <output_dir>/runs/<variant>/        training run (checkpoints/, tensorboard/); TRAINED when done
-    <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder)
+    <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder; a LoRA run keeps its adapter)
     <output_dir>/results/<name>.json    evaluation results, `base` for the untrained backbone
     <output_dir>/report/                comparison table, CSV/JSON, plots
     <output_dir>/stages.json            what each finished stage was made from (dsembed.study.stages)
@@ -33,8 +33,8 @@ from dsembed.errors import UserError
 from dsembed.atomic import write_text_atomic
 from dsembed.study.config import (BASE_NAME, StudyConfig, holm_family, hostfile_path,
                                   recipe_path, run_overrides, training_runs)
-from dsembed.study.stages import (StageLedger, base_fingerprint, changes as _changes, check_reuse_sources, recipe_fingerprint, record_time,
-                                  reuse_finished, times_table)
+from dsembed.study.stages import (StageLedger, base_fingerprint, changes as _changes, check_reuse_sources, export_form,
+                                  recipe_fingerprint, record_time, reuse_finished, times_table)
 
 def _train_command(study: StudyConfig, recipe: Path, overrides: list[str], root: Path = Path(".")) -> list[str]:
     if study.launcher == "torchrun":
@@ -143,10 +143,11 @@ class StudyRunner:
                 partial = {**begun, "model": trained["model"]}  # what a resume would mix with
             stages[f"train {name}"] = {"output": run_dir / "TRAINED", "fingerprint": trained, "partial": partial,
                                        "remove": [run_dir]}
+            exported = export_form(recipe)
             stages[f"export {name}"] = {"output": out / "models" / name / "dsembed.json",
-                                        "fingerprint": {"train": trained}, "remove": [out / "models" / name]}
+                                        "fingerprint": {"train": trained, **exported}, "remove": [out / "models" / name]}
             stages[f"evaluate {name}"] = {"output": out / "results" / f"{name}.json",
-                                          "fingerprint": {"train": trained, "evaluation": evaluation},
+                                          "fingerprint": {"train": trained, **exported, "evaluation": evaluation},
                                           "remove": [out / "results" / f"{name}.json"]}
         if study.include_base:
             first = next(iter(study.variants))
@@ -272,8 +273,9 @@ class StudyRunner:
                 ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
                 self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root), f"train {name}")
                 (run_dir / "TRAINED").write_text("ok\n")
+            keep = ["--keep-adapter"] if "export" in stages[f"export {name}"]["fingerprint"] else []
             stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
-                  [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir)])
+                  [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir), *keep])
             # results of a variant's seeds share its name: dsembed-compare averages them per dataset
             stage(f"evaluate {name}", f"{prefix}: evaluate", f"{prefix}: evaluated already",
                   self._evaluate_command([str(model_dir)], run.variant, tasks, results_name=name))

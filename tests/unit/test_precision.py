@@ -163,6 +163,23 @@ def test_bf16_model_from_a_recipe_encodes_in_bf16(tiny_recipe):
     assert seen and set(seen) == {torch.bfloat16}
 
 
+def test_a_bf16_adapter_export_loads_and_computes_as_it_trained(tiny_recipe, tmp_path):
+    """A kept adapter stays in the backbone's dtype on load (peft would upcast it to float32): the
+    loaded model encodes exactly as the live bf16 model (studies evaluate their runs this way)."""
+    from dsembed.modeling.model import EmbeddingModel
+
+    torch.manual_seed(0)
+    model = build_model(tiny_recipe("llama", {"type": "mean"}, lora=True, dtype="bfloat16"))
+    for name, param in model.backbone.named_parameters():
+        if "lora_B" in name:  # lora_B starts at zero: give the adapter something to compute
+            torch.nn.init.normal_(param, std=0.05)
+    model.save(tmp_path / "m", merge_lora=False)
+    loaded = EmbeddingModel.load(tmp_path / "m")
+    adapters = {p.dtype for n, p in loaded.backbone.named_parameters() if "lora_" in n}
+    assert adapters == {torch.bfloat16}
+    np.testing.assert_array_equal(loaded.encode(TEXTS), model.encode(TEXTS))
+
+
 def test_recipe_from_dict_auto_round_trips():
     recipe = recipe_from_dict({"model": {"name_or_path": "x", "dtype": "auto"}})
     assert recipe_from_dict(recipe.to_dict()).model.dtype == "auto"

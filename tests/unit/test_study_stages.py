@@ -209,3 +209,44 @@ def test_a_new_learning_rate_retrains_the_variants_but_keeps_the_base(tmp_path):
                                  "base": recipe_fingerprint(load_recipe(tmp_path / "r.yaml"))})
     assert set(old.entries["evaluate base"]["base"]["recipe"]) > set(base_fingerprint(load_recipe(tmp_path / "r.yaml"))["recipe"])
     assert old.stale("evaluate base", after["evaluate base"]["fingerprint"]) is None
+
+
+def test_a_lora_run_is_exported_with_its_adapter_and_older_merged_exports_are_redone(tmp_path, monkeypatch):
+    """A study evaluates a LoRA run as it trained (adapter kept: a bf16 backbone stays bf16); the
+    export form is in the export and evaluation fingerprints, so an export merged by an older dsembed
+    is stale (exported and evaluated again) and a run without LoRA keeps its old fingerprints."""
+    from dsembed.study.runner import StudyRunner
+
+    commands: dict[str, list[str]] = {}
+
+    def fake_run(self, label, command, key=None):
+        commands[key or label] = command
+        if key and key.startswith("train "):
+            (self.out / "runs" / key.split()[1]).mkdir(parents=True)
+        if key and key.startswith("export "):
+            (self.out / "models" / key.split()[1]).mkdir(parents=True)
+            (self.out / "models" / key.split()[1] / "dsembed.json").write_text("{}")
+        if key and key.startswith("evaluate "):
+            (self.out / "results").mkdir(exist_ok=True)
+            (self.out / "results" / f"{key.split()[1]}.json").write_text("{}")
+
+    monkeypatch.setattr(StudyRunner, "_run", fake_run)
+    study, root = load_study(_study(tmp_path, "include_base: false\n"))
+    runner = StudyRunner(study, root, tmp_path / "out")
+    stages = runner._stages()
+    assert stages["export a"]["fingerprint"]["export"] == {"lora": "adapter"}
+    assert stages["evaluate a"]["fingerprint"]["export"] == {"lora": "adapter"}
+    runner.run()
+    assert commands["export a"][-1] == "--keep-adapter"
+
+    ledger = StageLedger(runner.out)  # as an older dsembed recorded them: merged, no export key
+    for label in ("export a", "evaluate a"):
+        ledger.record(label, {k: v for k, v in stages[label]["fingerprint"].items() if k != "export"})
+    for label in ("export a", "evaluate a"):
+        assert StageLedger(runner.out).stale(label, stages[label]["fingerprint"]) == ["the export settings"]
+
+    plain, _ = load_study(_study(tmp_path, "include_base: false\noverrides: [lora.enabled=false]\n"))
+    full = StudyRunner(plain, root, tmp_path / "plain")
+    assert "export" not in full._stages()["export a"]["fingerprint"]
+    full.run()
+    assert "--keep-adapter" not in commands["export a"]
