@@ -6,7 +6,7 @@ groups and memory are fresh for every stage, and a study interrupted anywhere re
 stages are recognised by what they leave behind.
 
     <output_dir>/runs/<variant>/        training run (checkpoints/, tensorboard/); TRAINED when done
-    <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder; a LoRA run keeps its adapter)
+    <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder; lora_export)
     <output_dir>/results/<name>.json    evaluation results, `base` for the untrained backbone
     <output_dir>/report/                comparison table, CSV/JSON, plots
     <output_dir>/stages.json            what each finished stage was made from (dsembed.study.stages)
@@ -143,7 +143,7 @@ class StudyRunner:
                 partial = {**begun, "model": trained["model"]}  # what a resume would mix with
             stages[f"train {name}"] = {"output": run_dir / "TRAINED", "fingerprint": trained, "partial": partial,
                                        "remove": [run_dir]}
-            exported = export_form(recipe)
+            exported = export_form(recipe, study.lora_export)
             stages[f"export {name}"] = {"output": out / "models" / name / "dsembed.json",
                                         "fingerprint": {"train": trained, **exported}, "remove": [out / "models" / name]}
             stages[f"evaluate {name}"] = {"output": out / "results" / f"{name}.json",

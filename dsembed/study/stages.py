@@ -12,7 +12,7 @@ Fingerprints:
   (logging.*, train.resume / overwrite / stop_after / output_dir) and the input model: a local
   file or folder by its files' names, sizes and modification times, a `pkg:` model by the installed
   package's version, a hub id by the recipe's `model.revision`;
-- export: its variant's train fingerprint and the export form (a LoRA run keeps its adapter: export_form);
+- export: its variant's train fingerprint and, where a LoRA run keeps its adapter, the export form;
 - evaluate: the model's fingerprint (export, or for `base` the recipe's) and the evaluation arguments.
 A stage finished before fingerprints were recorded (no entry) is taken as current, and recipe keys
 that only one side knows (added or removed by a dsembed upgrade) are not compared.
@@ -66,12 +66,11 @@ def base_fingerprint(recipe: Recipe) -> dict[str, Any]:
     return {"recipe": _without(full["recipe"], _TRAINING_ONLY), "model": full["model"]}
 
 
-def export_form(recipe: Recipe) -> dict[str, Any]:
-    """How a study exports a run, as part of its export and evaluation fingerprints: a LoRA run keeps
-    its adapter, so the model is evaluated as it trained (a bf16 backbone with bf16 adapters; a merge
-    must be written in float32, which on a bf16 CPU encodes 1.5x slower). {} without LoRA, so those
-    fingerprints stay as before."""
-    return {"export": {"lora": "adapter"}} if recipe.lora.enabled else {}
+def export_form(recipe: Recipe, lora_export: str) -> dict[str, Any]:
+    """How a study exports a run, for its export and evaluation fingerprints: {"export": {"lora":
+    "adapter"}} when a LoRA run keeps its adapter (the study's `lora_export: adapter`); {} for a
+    merge or a run without LoRA, so those fingerprints stay as older ledgers recorded them."""
+    return {"export": {"lora": "adapter"}} if recipe.lora.enabled and lora_export == "adapter" else {}
 
 
 def model_identity(recipe: Recipe) -> str | None:

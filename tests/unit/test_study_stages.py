@@ -211,10 +211,11 @@ def test_a_new_learning_rate_retrains_the_variants_but_keeps_the_base(tmp_path):
     assert old.stale("evaluate base", after["evaluate base"]["fingerprint"]) is None
 
 
-def test_a_lora_run_is_exported_with_its_adapter_and_older_merged_exports_are_redone(tmp_path, monkeypatch):
-    """A study evaluates a LoRA run as it trained (adapter kept: a bf16 backbone stays bf16); the
-    export form is in the export and evaluation fingerprints, so an export merged by an older dsembed
-    is stale (exported and evaluated again) and a run without LoRA keeps its old fingerprints."""
+def test_lora_export_adapter_keeps_the_adapter_and_makes_older_merged_exports_stale(tmp_path, monkeypatch):
+    """`lora_export: adapter` evaluates a LoRA run as it trained (a bf16 backbone stays bf16): the
+    export keeps the adapter, and the export form is in the export and evaluation fingerprints, so an
+    export merged earlier is stale (exported and evaluated again); merged (the default) and runs
+    without LoRA keep the fingerprints older ledgers recorded."""
     from dsembed.study.runner import StudyRunner
 
     commands: dict[str, list[str]] = {}
@@ -231,7 +232,7 @@ def test_a_lora_run_is_exported_with_its_adapter_and_older_merged_exports_are_re
             (self.out / "results" / f"{key.split()[1]}.json").write_text("{}")
 
     monkeypatch.setattr(StudyRunner, "_run", fake_run)
-    study, root = load_study(_study(tmp_path, "include_base: false\n"))
+    study, root = load_study(_study(tmp_path, "include_base: false\nlora_export: adapter\n"))
     runner = StudyRunner(study, root, tmp_path / "out")
     stages = runner._stages()
     assert stages["export a"]["fingerprint"]["export"] == {"lora": "adapter"}
@@ -239,14 +240,17 @@ def test_a_lora_run_is_exported_with_its_adapter_and_older_merged_exports_are_re
     runner.run()
     assert commands["export a"][-1] == "--keep-adapter"
 
-    ledger = StageLedger(runner.out)  # as an older dsembed recorded them: merged, no export key
+    ledger = StageLedger(runner.out)  # as a merged export recorded them: no export key
     for label in ("export a", "evaluate a"):
         ledger.record(label, {k: v for k, v in stages[label]["fingerprint"].items() if k != "export"})
     for label in ("export a", "evaluate a"):
         assert StageLedger(runner.out).stale(label, stages[label]["fingerprint"]) == ["the export settings"]
 
-    plain, _ = load_study(_study(tmp_path, "include_base: false\noverrides: [lora.enabled=false]\n"))
-    full = StudyRunner(plain, root, tmp_path / "plain")
-    assert "export" not in full._stages()["export a"]["fingerprint"]
-    full.run()
-    assert "--keep-adapter" not in commands["export a"]
+    for n, text in enumerate(["", "lora_export: adapter\noverrides: [lora.enabled=false]\n"]):
+        other, _ = load_study(_study(tmp_path, "include_base: false\n" + text))
+        merged = StudyRunner(other, root, tmp_path / f"other{n}")
+        assert "export" not in merged._stages()["export a"]["fingerprint"]
+        merged.run()
+        assert "--keep-adapter" not in commands["export a"]
+    with pytest.raises(RecipeError, match="lora_export"):
+        load_study(_study(tmp_path, "lora_export: kept\n"))
