@@ -111,6 +111,26 @@ def test_study_cli_hostfile_and_nodes_flags(tmp_path):
     assert "nnodes = 2 needs launcher: deepspeed" in result.stderr and str(path) in result.stderr
 
 
+def _fake_stages(monkeypatch, commands: dict[str, list[str]]) -> None:
+    """Replace StudyRunner._run: record each stage's command (by stage label) and leave the files the
+    runner recognises a finished stage by."""
+    from dsembed.study.runner import StudyRunner
+
+    def fake_run(self, label, command, key=None):
+        commands[key or label] = command
+        name = key.split()[1] if key else ""
+        if key and key.startswith("train "):
+            (self.out / "runs" / name).mkdir(parents=True)
+        if key and key.startswith("export "):
+            (self.out / "models" / name).mkdir(parents=True)
+            (self.out / "models" / name / "dsembed.json").write_text("{}")
+        if key and key.startswith("evaluate "):
+            (self.out / "results").mkdir(exist_ok=True)
+            (self.out / "results" / f"{name}.json").write_text("{}")
+
+    monkeypatch.setattr(StudyRunner, "_run", fake_run)
+
+
 def test_a_run_evaluated_already_is_not_retrained_unless_its_model_is_asked_for(tmp_path, monkeypatch):
     """A new machine reusing saved evaluations must not spend minutes retraining models no stage
     needs; --model RUN still trains one (for mining with it, say)."""
@@ -119,19 +139,8 @@ def test_a_run_evaluated_already_is_not_retrained_unless_its_model_is_asked_for(
     from dsembed.study.stages import StageLedger
 
     study, root = load_study(_study(tmp_path, "variants: {a: r.yaml, b: r.yaml}\ninclude_base: false\n"))
-    ran: list[str] = []
-
-    def fake_run(self, label, command, key=None):
-        ran.append(key or label)
-        if key and key.startswith("train "):
-            (self.out / "runs" / key.split()[1]).mkdir(parents=True)
-        if key and key.startswith("export "):
-            (self.out / "models" / key.split()[1]).mkdir(parents=True)
-            (self.out / "models" / key.split()[1] / "dsembed.json").write_text("{}")
-        if key and key.startswith("evaluate "):
-            (self.out / "results" / f"{key.split()[1]}.json").write_text("{}")
-
-    monkeypatch.setattr(StudyRunner, "_run", fake_run)
+    commands: dict[str, list[str]] = {}
+    _fake_stages(monkeypatch, commands)
     runner = StudyRunner(study, root, tmp_path / "out")
     stages = runner._stages()
     (runner.out / "results").mkdir(parents=True)
@@ -139,14 +148,14 @@ def test_a_run_evaluated_already_is_not_retrained_unless_its_model_is_asked_for(
     StageLedger(runner.out).record("evaluate a", stages["evaluate a"]["fingerprint"])
     assert runner.not_needed(stages) == {"train a", "export a"}
     runner.run()
-    assert ran == ["train b", "export b", "evaluate b", "compare"]
+    assert list(commands) == ["train b", "export b", "evaluate b", "compare"]
     assert not (runner.out / "runs" / "a").exists()
 
-    ran.clear()
+    commands.clear()
     shutil.rmtree(runner.out / "runs" / "b")
     shutil.rmtree(runner.out / "models" / "b")
     StudyRunner(study, root, tmp_path / "out", models=["a"]).run()
-    assert ran == ["train a", "export a", "compare"]  # b: evaluated, model not asked for
+    assert list(commands) == ["train a", "export a", "compare"]  # b: evaluated, model not asked for
     with pytest.raises(UserError, match="--model c is not a run of the study; name one of: a, b"):
         StudyRunner(study, root, tmp_path / "out", models=["c"])
 
@@ -219,19 +228,7 @@ def test_lora_export_adapter_keeps_the_adapter_and_makes_older_merged_exports_st
     from dsembed.study.runner import StudyRunner
 
     commands: dict[str, list[str]] = {}
-
-    def fake_run(self, label, command, key=None):
-        commands[key or label] = command
-        if key and key.startswith("train "):
-            (self.out / "runs" / key.split()[1]).mkdir(parents=True)
-        if key and key.startswith("export "):
-            (self.out / "models" / key.split()[1]).mkdir(parents=True)
-            (self.out / "models" / key.split()[1] / "dsembed.json").write_text("{}")
-        if key and key.startswith("evaluate "):
-            (self.out / "results").mkdir(exist_ok=True)
-            (self.out / "results" / f"{key.split()[1]}.json").write_text("{}")
-
-    monkeypatch.setattr(StudyRunner, "_run", fake_run)
+    _fake_stages(monkeypatch, commands)
     study, root = load_study(_study(tmp_path, "include_base: false\nlora_export: adapter\n"))
     runner = StudyRunner(study, root, tmp_path / "out")
     stages = runner._stages()
