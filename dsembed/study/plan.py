@@ -5,7 +5,8 @@ Nothing is trained or evaluated. The plan
 - estimates each stage's wall time on this machine from a few timed passes of each recipe's model
   (seconds in all): a training step is one forward + backward of a real micro-batch of the recipe's
   data (x 1.5 with cached steps, which embed the batch once more without a graph), an evaluation is
-  the tokens of every task at the study's limits divided by the model's measured encode throughput;
+  the tokens of every task at the study's limits divided by the model's measured encode throughput
+  (in float32 where the study merges a bf16 LoRA run: the merge computes in float32);
 - prints each task's chance level at the study's limits and names the tasks that carry no
   information there by construction (evaluation.chance), before anything is trained;
 - gives per category the number of datasets, the smallest two-sided p a Wilcoxon signed-rank test
@@ -34,16 +35,19 @@ class Timing:
 
     build_s: float  # building the model (backbone load + LoRA + head)
     step_s: float  # one optimizer step (forward + backward of the contrastive batch, all accumulation)
-    tokens_per_s: float  # encode throughput in eval mode
+    tokens_per_s: float  # encode throughput in eval mode, as the recipe computes (the untrained base)
+    exported_tokens_per_s: float  # ... as the study's export computes: float32 for a bf16 LoRA merge
 
 
-def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2) -> Timing:
+def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool = False) -> Timing:
     """Time a model build, `repeats` forward+backward passes of one real micro-batch, and an encode.
 
     Args:
         recipe: the variant's recipe (with the study's overrides).
         texts: sample evaluation texts for the encode throughput.
         repeats: passes of each kind; the fastest counts (the first warms the kernels up).
+        merged: the study exports LoRA merged (`lora_export: merged`): a bf16 / fp16 run's merge
+            computes in float32, so its evaluation is timed in float32 too.
     """
     import torch
 
@@ -70,13 +74,22 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2) -> Timing:
     step_s = min(passes) * recipe.train.gradient_accumulation_steps * factor
     sample = texts[:64] or ["a short text"]
     tokens = sum(len(ids) for ids in model._token_ids(sample, None))
-    encodes = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            model.encode(sample, batch_size=32)
-            encodes.append(time.perf_counter() - begin)
-    return Timing(build_s, step_s, tokens / min(encodes))
+
+    def encode_seconds() -> float:
+        encodes = []
+        with torch.no_grad():
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                model.encode(sample, batch_size=32)
+                encodes.append(time.perf_counter() - begin)
+        return min(encodes)
+
+    as_recipe = encode_seconds()
+    exported = as_recipe
+    if merged and recipe.lora.enabled and next(model.parameters()).dtype != torch.float32:
+        model.float()  # what the float32 merge computes in (merged_dtype); a merge itself costs no encode time
+        exported = encode_seconds()
+    return Timing(build_s, step_s, tokens / as_recipe, tokens / exported)
 
 
 def _task_texts(task: Any) -> list[str]:
@@ -128,9 +141,11 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     timings: dict[str, Timing] = {}
     for variant in study.variants:
         recipe = load_recipe(recipe_path(study, root, variant), run_overrides(study, variant))
-        timings[variant] = time_recipe(recipe, sample)
-        log(f"[plan] timed {variant}: build {timings[variant].build_s:.1f} s, step {timings[variant].step_s:.2f} s, "
-            f"encode {timings[variant].tokens_per_s:.0f} tokens/s")
+        t = timings[variant] = time_recipe(recipe, sample, merged=study.lora_export == "merged")
+        exported = (f" ({t.exported_tokens_per_s:.0f} as exported: float32 LoRA merge)"
+                    if t.exported_tokens_per_s != t.tokens_per_s else "")
+        log(f"[plan] timed {variant}: build {t.build_s:.1f} s, step {t.step_s:.2f} s, "
+            f"encode {t.tokens_per_s:.0f} tokens/s{exported}")
     first = load_recipe(recipe_path(study, root, next(iter(study.variants))), run_overrides(study, next(iter(study.variants))))
     from dsembed.modeling.backbone import load_backbone
 
@@ -139,8 +154,9 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     tokens = {name: sum(min(len(ids), m.max_length) for ids in tokenizer(list(batch), add_special_tokens=False)["input_ids"])
               + len(batch) * int(m.append_eos) for name, batch in texts.items() if batch}
 
-    def eval_seconds(timing: Timing) -> float:
-        return timing.build_s + sum(tokens.values()) / timing.tokens_per_s
+    def eval_seconds(timing: Timing, exported: bool = True) -> float:
+        rate = timing.exported_tokens_per_s if exported else timing.tokens_per_s
+        return timing.build_s + sum(tokens.values()) / rate
 
     stages = runner._stages()
     skipped = runner.not_needed(stages)  # evaluated already: their training would change nothing
@@ -154,7 +170,7 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
                  for label, seconds in estimates.items()]
     base_timing = timings[next(iter(study.variants))]
     for label in (f"evaluate {BASE_NAME}",) * study.include_base + (f"probe {BASE_NAME}",) * study.probe_base:
-        rows.append({"stage": label, "finished": stages[label]["output"].exists(), "estimate_s": eval_seconds(base_timing)})
+        rows.append({"stage": label, "finished": stages[label]["output"].exists(), "estimate_s": eval_seconds(base_timing, exported=False)})
     total = sum(r["estimate_s"] for r in rows if not r["finished"])
 
     family = holm_family(study)

@@ -95,3 +95,31 @@ def test_plan_times_each_recipe_and_prints_stages_power_and_chance_without_runni
     assert "Power: Wilcoxon" in out and "n = 1" in out and "CANNOT reach p < 0.05" in out
     assert "TinyClustering" in out and "carry no information" in out  # the chance plan of every task
     assert not (tmp_path / "out").exists()  # nothing trained, evaluated or written
+
+
+@pytest.mark.parametrize("merged, dtypes", [(True, ["bfloat16"] * 2 + ["float32"] * 2), (False, ["bfloat16"] * 2)])
+def test_plan_times_a_merged_bf16_lora_evaluation_in_float32(tiny_recipe, monkeypatch, merged, dtypes):
+    """`lora_export: merged` evaluates a bf16 LoRA run's float32 merge: the plan times that encode in
+    float32 (the untrained base keeps the recipe's bf16 rate); with adapter exports, bf16 throughout."""
+    import dataclasses
+
+    import torch
+
+    from dsembed.modeling.model import EmbeddingModel
+    from dsembed.study.plan import time_recipe
+
+    seen: list[str] = []
+    encode = EmbeddingModel.encode
+
+    def spy(self, *args, **kwargs):
+        seen.append(str(next(self.parameters()).dtype).removeprefix("torch."))
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingModel, "encode", spy)
+    torch.manual_seed(0)
+    recipe = tiny_recipe("llama", {"type": "mean"}, lora=True, dtype="bfloat16")
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, train=["synthetic:8"]),
+                                 train=dataclasses.replace(recipe.train, micro_batch_size=4))
+    timing = time_recipe(recipe, ["a text", "another"], merged=merged)
+    assert seen == dtypes
+    assert (timing.exported_tokens_per_s == timing.tokens_per_s) is not merged
