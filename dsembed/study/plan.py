@@ -54,6 +54,7 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool
     from dsembed.data.batches import collate
     from dsembed.data.rows import load_examples
     from dsembed.modeling.model import build_model
+    from dsembed.modeling.weights import merged_dtype
     from dsembed.training.loss import info_nce
 
     start = time.perf_counter()
@@ -86,8 +87,11 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool
 
     as_recipe = encode_seconds()
     exported = as_recipe
-    if merged and recipe.lora.enabled and next(model.parameters()).dtype != torch.float32:
-        model.float()  # what the float32 merge computes in (merged_dtype); a merge itself costs no encode time
+    dtype = next(model.backbone.parameters()).dtype
+    if merged and recipe.lora.enabled and merged_dtype(dtype) != dtype:
+        # the merge's backbone computes in float32; timed unmerged (the LoRA branch runs too) and with
+        # the head in float32 as well: slightly slower than the merged export, an upper bound
+        model.float()
         exported = encode_seconds()
     return Timing(build_s, step_s, tokens / as_recipe, tokens / exported)
 

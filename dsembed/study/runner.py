@@ -6,7 +6,8 @@ groups and memory are fresh for every stage, and a study interrupted anywhere re
 stages are recognised by what they leave behind.
 
     <output_dir>/runs/<variant>/        training run (checkpoints/, tensorboard/); TRAINED when done
-    <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder; lora_export)
+    <output_dir>/models/<variant>/      consolidated model (dsembed + sentence-transformers folder; LoRA merged,
+                                        or kept as adapter/ with `lora_export: adapter`)
     <output_dir>/results/<name>.json    evaluation results, `base` for the untrained backbone
     <output_dir>/report/                comparison table, CSV/JSON, plots
     <output_dir>/stages.json            what each finished stage was made from (dsembed.study.stages)
@@ -273,7 +274,8 @@ class StudyRunner:
                 ledger.record(f"train {name}", stages[f"train {name}"]["fingerprint"])
                 self._run(f"{prefix}: train", _train_command(study, recipe, overrides, self.root), f"train {name}")
                 (run_dir / "TRAINED").write_text("ok\n")
-            keep = ["--keep-adapter"] if "export" in stages[f"export {name}"]["fingerprint"] else []
+            form = stages[f"export {name}"]["fingerprint"].get("export", {}).get("lora")
+            keep = ["--keep-adapter"] if form == "adapter" else []
             stage(f"export {name}", f"{prefix}: export", f"{prefix}: exported already",
                   [sys.executable, "-m", "dsembed.cli.consolidate", str(run_dir), str(model_dir), *keep])
             # results of a variant's seeds share its name: dsembed-compare averages them per dataset

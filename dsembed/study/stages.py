@@ -67,9 +67,16 @@ def base_fingerprint(recipe: Recipe) -> dict[str, Any]:
 
 
 def export_form(recipe: Recipe, lora_export: str) -> dict[str, Any]:
-    """How a study exports a run, for its export and evaluation fingerprints: {"export": {"lora":
-    "adapter"}} when a LoRA run keeps its adapter (the study's `lora_export: adapter`); {} for a
-    merge or a run without LoRA, so those fingerprints stay as older ledgers recorded them."""
+    """How a study exports a run, as a part of its export and evaluation fingerprints.
+
+    Args:
+        recipe: the run's recipe.
+        lora_export: the study's `lora_export` (merged | adapter).
+
+    Returns:
+        {"export": {"lora": "adapter"}} when a LoRA run keeps its adapter; {} for a merge or a run
+        without LoRA, so those fingerprints stay as older ledgers recorded them.
+    """
     return {"export": {"lora": "adapter"}} if recipe.lora.enabled and lora_export == "adapter" else {}
 
 

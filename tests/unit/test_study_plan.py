@@ -123,3 +123,31 @@ def test_plan_times_a_merged_bf16_lora_evaluation_in_float32(tiny_recipe, monkey
     timing = time_recipe(recipe, ["a text", "another"], merged=merged)
     assert seen == dtypes
     assert (timing.exported_tokens_per_s == timing.tokens_per_s) is not merged
+
+
+@pytest.mark.parametrize("lora_export", ["merged", "adapter"])
+def test_plan_estimates_trained_evaluations_at_the_exported_rate_and_the_base_at_the_recipe_rate(
+        tmp_path, task_root, monkeypatch, lora_export):
+    from dsembed.study import plan as plan_module
+
+    asked: list[bool] = []
+
+    def fake_timing(recipe, texts, repeats=2, merged=False):
+        asked.append(merged)
+        return plan_module.Timing(build_s=1.0, step_s=1.0, tokens_per_s=100.0, exported_tokens_per_s=50.0)
+
+    monkeypatch.setattr(plan_module, "time_recipe", fake_timing)
+    path = write(tmp_path, f"name: x\noutput_dir: {tmp_path / 'out'}\nvariants: {{a: r.yaml}}\n"
+                           f"tasks_dir: {task_root}\nlora_export: {lora_export}\n")
+    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 2, hidden_size: 32, "
+                                     "intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 300}\n"
+                                     "  tokenizer: bytes\n  max_length: 32\ndata:\n  train: ['synthetic:16']\n"
+                                     "train:\n  micro_batch_size: 4\n  max_steps: 10\n")
+    study, root = load_study(path)
+    result = plan_module.plan(study, root, log=lambda line: None)
+    assert asked == [lora_export == "merged"]
+    estimate = {row["stage"]: row["estimate_s"] for row in result["stages"]}
+    tokens = sum(task["tokens"] for task in result["tasks"].values())
+    assert tokens > 0
+    assert estimate["evaluate a"] == pytest.approx(1.0 + tokens / 50.0)  # the fake's exported rate
+    assert estimate["evaluate base"] == pytest.approx(1.0 + tokens / 100.0)  # untrained: the recipe's rate

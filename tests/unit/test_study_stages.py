@@ -242,6 +242,9 @@ def test_lora_export_adapter_keeps_the_adapter_and_makes_older_merged_exports_st
         ledger.record(label, {k: v for k, v in stages[label]["fingerprint"].items() if k != "export"})
     for label in ("export a", "evaluate a"):
         assert StageLedger(runner.out).stale(label, stages[label]["fingerprint"]) == ["the export settings"]
+        ledger.record(label, stages[label]["fingerprint"])  # and back: an adapter export is stale for a merge
+        merged = {k: v for k, v in stages[label]["fingerprint"].items() if k != "export"}
+        assert StageLedger(runner.out).stale(label, merged) == ["the export settings"]
 
     for n, text in enumerate(["", "lora_export: adapter\noverrides: [lora.enabled=false]\n"]):
         other, _ = load_study(_study(tmp_path, "include_base: false\n" + text))
