@@ -8,6 +8,7 @@
 # Usage, from the checkout with ../shared/data beside it:
 #   bash tools/smollm2_studies.sh [OUT]        (OUT default: ~/dsembed-studies; log it yourself, e.g. > OUT.log 2>&1)
 # Evaluations saved in the repository by an earlier machine (docs/results/data/<study>/, written by
+#   bash tools/save_studies.sh OUT [--commit] beside a running chain, which does for each study
 #   dsembed-study recipes/studies/<study>.yaml --override "$OVERRIDE" --output-dir OUT/<study> \
 #     --save-finished docs/results/data/<study>)
 # are reused when OUT lacks them: a new machine does not re-evaluate what was already scored with the
