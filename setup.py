@@ -47,6 +47,7 @@ setup(
             "dsembed-bench=dsembed.cli.bench:cli",
             "dsembed-probe-layers=dsembed.cli.probe_layers:cli",
             "dsembed-mine=dsembed.cli.mine:cli",
+            "dsembed-dims=dsembed.cli.dims:cli",
         ]
     },
 )
