@@ -4,7 +4,8 @@
 #   1. recipes/studies/paper-smollm2.yaml      the five designs, seeds 0 and 1   (issue: the paper's answer)
 #   2. recipes/studies/ablations-smollm2.yaml  top4/8/16/all/no-layer-weights    (reuses 1's model1 and model5 runs, base)
 #   3. recipes/studies/features-smollm2.yaml   negatives, batches, Matryoshka    (mines with 1's model1-s0; reuses
-#      1's seed-0 model1/model5), then the Matryoshka score-vs-dimension evaluations.
+#      1's seed-0 model1/model5), then the Matryoshka score-vs-dimension evaluations and their report
+#      (dsembed-dims: OUT/features-smollm2/dims-report/).
 # Usage, from the checkout with ../shared/data beside it:
 #   bash tools/smollm2_studies.sh [OUT]        (OUT default: ~/dsembed-studies; log it yourself, e.g. > OUT.log 2>&1)
 # Evaluations saved in the repository by an earlier machine (docs/results/data/<study>/, written by
@@ -58,4 +59,7 @@ for m in model1-mrl model1; do
       --batch-size 32 --truncate-dim 64 128 256 --name $m --output "$OUT/features-smollm2/dims/$m-d{dim}.json" || fail "dims failed"
   fi
 done
+step "score against embedding size: model1-mrl against model1"
+python -m dsembed.cli.dims "$OUT"/features-smollm2/dims/*.json "$OUT/features-smollm2/results/model1-mrl-s0.json" \
+  "$OUT/paper-smollm2/results/model1-s0.json" --baseline model1 --output "$OUT/features-smollm2/dims-report" || fail "dims report failed"
 step "all done"
