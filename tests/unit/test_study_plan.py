@@ -13,6 +13,11 @@ from dsembed.study.runner import StudyRunner
 from tests.unit.test_study_files import write
 
 BASE = "name: x\noutput_dir: o\nvariants: {a: r.yaml, b: r.yaml}\ntasks_dir: t\n"
+# a random two-layer model with a byte tokenizer: --plan times it in seconds
+RANDOM_TINY = ("model:\n  random_init: {model_type: llama, num_hidden_layers: 2, hidden_size: 32, "
+               "intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 300}\n"
+               "  tokenizer: bytes\n  max_length: 32\ndata:\n  train: ['synthetic:16']\n"
+               "train:\n  micro_batch_size: 4\n  max_steps: 10\n")
 
 
 def test_seeds_give_one_run_per_variant_and_seed_and_one_base(tmp_path):
@@ -84,10 +89,7 @@ def test_plan_times_each_recipe_and_prints_stages_power_and_chance_without_runni
 
     path = write(tmp_path, f"name: x\noutput_dir: {tmp_path / 'out'}\nvariants: {{a: r.yaml}}\n"
                            f"tasks_dir: {task_root}\nseeds: [0, 1]\nholm: per_variant\n")
-    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 2, hidden_size: 32, "
-                                     "intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 300}\n"
-                                     "  tokenizer: bytes\n  max_length: 32\ndata:\n  train: ['synthetic:16']\n"
-                                     "train:\n  micro_batch_size: 4\n  max_steps: 10\n")
+    (tmp_path / "r.yaml").write_text(RANDOM_TINY)
     assert main([str(path), "--plan"]) == 0
     out = capsys.readouterr().out
     for stage in ("train a-s0", "train a-s1", "export a-s1", "evaluate a-s0", "evaluate base"):
@@ -139,10 +141,7 @@ def test_plan_estimates_trained_evaluations_at_the_exported_rate_and_the_base_at
     monkeypatch.setattr(plan_module, "time_recipe", fake_timing)
     path = write(tmp_path, f"name: x\noutput_dir: {tmp_path / 'out'}\nvariants: {{a: r.yaml}}\n"
                            f"tasks_dir: {task_root}\nlora_export: {lora_export}\n")
-    (tmp_path / "r.yaml").write_text("model:\n  random_init: {model_type: llama, num_hidden_layers: 2, hidden_size: 32, "
-                                     "intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 300}\n"
-                                     "  tokenizer: bytes\n  max_length: 32\ndata:\n  train: ['synthetic:16']\n"
-                                     "train:\n  micro_batch_size: 4\n  max_steps: 10\n")
+    (tmp_path / "r.yaml").write_text(RANDOM_TINY)
     study, root = load_study(path)
     result = plan_module.plan(study, root, log=lambda line: None)
     assert asked == [lora_export == "merged"]
