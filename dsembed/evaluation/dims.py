@@ -21,6 +21,7 @@ from dsembed.errors import UserError
 from dsembed.evaluation import statistics
 from dsembed.evaluation.comparison import load_results
 from dsembed.evaluation.presets import CATEGORIES
+from dsembed.evaluation.report import save_figure
 
 FULL = "full"
 
@@ -85,8 +86,9 @@ def compare_sizes(curves: dict[str, dict[str, dict[str, Any]]], baseline: str, a
     if not datasets:
         raise UserError("the results share no dataset: evaluate every model and size on the same tasks")
     cats = [c for c in CATEGORIES if any(entries[0]["category"][d] == c for d in datasets)]
-    means = {m: {s: {c: float(np.mean(list(_by_category(e, datasets).get(c, {}).values()))) for c in cats}
-                 for s, e in sizes.items()} for m, sizes in curves.items()}
+    grouped = {m: {s: _by_category(e, datasets) for s, e in sizes.items()} for m, sizes in curves.items()}
+    means = {m: {s: {c: float(np.mean(list(by_cat.get(c, {}).values()))) for c in cats}
+                 for s, by_cat in sizes.items()} for m, sizes in grouped.items()}
     retention = {m: {s: {c: means[m][s][c] / means[m][FULL][c] if means[m][FULL][c] else None for c in cats}
                      for s in sizes} for m, sizes in curves.items() if FULL in sizes}
     tests: dict[str, dict[str, dict[str, Any]]] = {}
@@ -95,7 +97,7 @@ def compare_sizes(curves: dict[str, dict[str, dict[str, Any]]], baseline: str, a
             continue
         found = {}
         for size in (s for s in sizes if s in curves[baseline]):
-            base, other = _by_category(curves[baseline][size], datasets), _by_category(sizes[size], datasets)
+            base, other = grouped[baseline][size], grouped[model][size]
             for c in cats:
                 found[(size, c)] = statistics.wilcoxon_test(base.get(c, {}), other.get(c, {})).to_dict()
         adjusted = statistics.holm([t["pvalue"] for t in found.values()], alpha)
@@ -107,24 +109,27 @@ def compare_sizes(curves: dict[str, dict[str, dict[str, Any]]], baseline: str, a
             "holm": "per model: its size x category tests against the baseline"}
 
 
+def _table_head(cats: list[str]) -> list[str]:
+    return ["| model | size | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """dims.md: category means x100 per model and size, retention, tests against the baseline."""
     cats, base = result["categories"], result["baseline"]
     lines = [f"# Score against embedding size (baseline `{base}`)", "",
              f"Category means x100 over the {len(result['datasets'])} datasets every model and size has.", "",
-             "| model | size | " + " | ".join(f"{c}" for c in cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+             *_table_head(cats)]
     for model, sizes in result["means"].items():
         for size, row in sizes.items():
             lines.append(f"| {model} | {size} | " + " | ".join(f"{100 * row[c]:.2f}" for c in cats) + " |")
     if result["retention"]:
-        lines += ["", "Retention: the category mean at a size / the same model's full-size mean.", "",
-                  "| model | size | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+        lines += ["", "Retention: the category mean at a size / the same model's full-size mean.", "", *_table_head(cats)]
         for model, sizes in result["retention"].items():
             for size, row in sizes.items():
                 lines.append(f"| {model} | {size} | " + " | ".join("-" if row[c] is None else f"{row[c]:.3f}" for c in cats) + " |")
     lines += ["", f"Each model against `{base}` at the same size: mean difference x100, Wilcoxon p over the datasets "
               f"of a category (n), Holm over the model's size x category tests; * = Holm p < {result['alpha']}.", "",
-              "| model | size | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+              *_table_head(cats)]
     for model, sizes in result["tests"].items():
         for size, row in sizes.items():
             cells = [f"{100 * t['mean_difference']:+.2f} (p {t['pvalue']:.3g}, n={t['n']}; Holm {t['p_holm']:.3g})"
@@ -151,10 +156,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("embedding size")
     axes[0][0].set_ylabel("mean main score x100")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_dims_report(result: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -20,6 +20,7 @@ from mteb.abstasks import AbsTask
 
 from dsembed.atomic import write_text_atomic
 from dsembed.evaluation.presets import CATEGORIES
+from dsembed.evaluation.report import save_figure
 from dsembed.evaluation.run import category_of, evaluate_tasks
 from dsembed.modeling.backbone import num_decoder_layers
 
@@ -135,10 +136,7 @@ def write_probe(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Per-layer probe: thin lines are tasks, bold lines category means")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    png = out_dir / "layers.png"
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    png = save_figure(fig, out_dir / "layers.png")
     path = out_dir / "layers.json"
     write_text_atomic(path, json.dumps(result, indent=1))  # last: dsembed-study treats layers.json as a finished probe
     return [path, png]

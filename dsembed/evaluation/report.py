@@ -263,7 +263,7 @@ def write_csv(comparison: dict[str, Any], path: Path) -> None:
                                  (d.get("chance") or {}).get("score", ""), d.get("flag") or ""])
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     """Lay out, write as PNG and close one matplotlib figure."""
     import matplotlib.pyplot as plt
 
@@ -290,7 +290,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, cats)
     ax.set_ylabel("mean main score x100")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / "category_means.png"))
+    written.append(save_figure(fig, out_dir / "category_means.png"))
 
     others = [v for v in variants if v != base]
     fig, axes = plt.subplots(1, len(cats), figsize=(3.2 * len(cats), 3.8), squeeze=False)
@@ -309,7 +309,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(c)
     axes[0][0].set_ylabel(f"difference to {base} x100 (95% CI)")
     axes[0][-1].legend(fontsize=7)
-    written.append(_save(fig, out_dir / "differences.png"))
+    written.append(save_figure(fig, out_dir / "differences.png"))
 
     if comparison["layer_weights"]:
         fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -318,7 +318,7 @@ def plot(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("L2 norm of learned layer weight")
         ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / "layer_weights.png"))
+        written.append(save_figure(fig, out_dir / "layer_weights.png"))
     return written
 
 
