@@ -52,7 +52,9 @@ def main() -> None:
     rows = {}
     for model_dir in sorted((args.study_dir / "models").iterdir()):
         if (model_dir / "pooler.safetensors").is_file() and (args.study_dir / "runs" / model_dir.name).is_dir():
-            rows[model_dir.name] = drift(args.study_dir / "runs" / model_dir.name, model_dir)
+            moved = drift(args.study_dir / "runs" / model_dir.name, model_dir)
+            if moved:  # EOS pooling has no parameters
+                rows[model_dir.name] = moved
     groups = sorted({g for r in rows.values() for g in r})
     print("| run | " + " | ".join(groups) + " |")
     print("|---|" + "---:|" * len(groups))
