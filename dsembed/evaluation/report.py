@@ -141,17 +141,24 @@ def training_lines(comparison: dict[str, Any]) -> list[str]:
     runs = comparison.get("training") or {}
     if not runs:
         return []
+    # runs trained before the change was recorded have no such key: the column shows only where some run has it
+    w_change = any(r.get("layer_weights_change") is not None for rows in runs.values() for r in rows)
     out = ["", "Training runs (results of models exported with a training summary): in-batch accuracy over the "
            "first and the last 10 logged steps, loss and positive - negative cosine over the last 10 (near 0: "
-           "every text embedded alike), the largest gradient norm and its step. ⚠ = final accuracy below half "
+           "every text embedded alike), the largest gradient norm and its step"
+           + (", and how far the layer weights W moved from their initialisation by the last step "
+              "(||W - W0|| / ||W0||; a W near its random start is a code, not a learned weighting)" if w_change else "")
+           + ". ⚠ = final accuracy below half "
            "of the variant's best seed: a collapsed or failed run, averaged into the variant's scores.", "",
-           "| variant | seed | steps | accuracy first → last | loss (last) | cosine gap (last) | max grad norm (step) |",
-           "|---|---:|---:|---|---:|---:|---:|"]
+           "| variant | seed | steps | accuracy first → last | loss (last) | cosine gap (last) | max grad norm (step) |"
+           + (" W change |" if w_change else ""),
+           "|---|---:|---:|---|---:|---:|---:|" + ("---:|" if w_change else "")]
     for v, rows in runs.items():
         for r in rows:
             out.append(f"| {v}{' ⚠' if r['behind'] else ''} | {r['seed']} | {r['steps']} | "
                        f"{_number(r['first_accuracy'])} → {_number(r['last_accuracy'])} | {_number(r['last_loss'])} | "
-                       f"{_number(r['last_cosine_gap'], 3)} | {_number(r['max_grad_norm'], 1)} ({r['max_grad_step']}) |")
+                       f"{_number(r['last_cosine_gap'], 3)} | {_number(r['max_grad_norm'], 1)} ({r['max_grad_step']}) |"
+                       + (f" {_number(r.get('layer_weights_change'), 4)} |" if w_change else ""))
     behind = [f"{v} seed {r['seed']}" for v, rows in runs.items() for r in rows if r["behind"]]
     if behind:
         out += ["", f"Far behind their variant's other seeds: {', '.join(behind)}."]

@@ -23,6 +23,20 @@ def _to_float(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def relative_change(weights: torch.Tensor, initial: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """||W - W0|| / ||W0|| per row ([K]; NaN where the row started at zero) and of the whole matrix
+    (None when W0 is all zeros: `layer_weights_init: zeros`, where W's own norm is the change).
+
+    Shapes:
+        weights, initial: [K, D].
+    """
+    w, w0 = weights.detach().float().cpu(), initial.detach().float().cpu()
+    delta, start = (w - w0).norm(dim=1), w0.norm(dim=1)  # [K], [K]
+    rows = torch.where(start > 0, delta / start.clamp_min(1e-30), torch.full_like(start, float("nan")))  # [K]
+    total = float(w0.norm())
+    return rows, (float((w - w0).norm()) / total if total > 0 else None)
+
+
 def drop_events_after(log_dir: str | Path, step: int) -> int:
     """Rewrite the TensorBoard event files under `log_dir` without the events of steps after `step`.
 
@@ -118,20 +132,28 @@ class Monitor:
 
     # ------------------------------------------------------------------ layer weights
 
-    def log_layer_weights(self, step: int, weights: torch.Tensor, layer_indices: Sequence[int]) -> None:
-        """The multi-layer head's per-layer weights: histogram, per-layer norms, images.
+    def log_layer_weights(self, step: int, weights: torch.Tensor, layer_indices: Sequence[int],
+                          initial: torch.Tensor | None = None) -> None:
+        """The multi-layer head's per-layer weights: histogram, per-layer norms, images, and how far
+        they moved from their initialisation.
 
         Shapes:
             weights: [K, D] (the matrix W, one row per selected layer) or [K] (per-layer norms).
+            initial: [K, D], W at step 0 (or None).
 
         Writes `layer_weights/values` (histogram), `layer_weights/norm/layer_<i>` (scalars),
         `layer_weights/norms` (bar chart image; a one-row heatmap without matplotlib) and, for
         [K, D], `layer_weights/heatmap` (|W| with each row scaled to 0..1, columns averaged to <=256).
+        With `initial`: `layer_weights/change/layer_<i>`, the relative change ||W - W0|| / ||W0|| of
+        each row (the trainer logs the whole matrix's as the metric `layer_weights/change`). Why: a
+        normal-initialised W has row norms near sqrt(D) whether or not it learned anything, so its
+        norms alone cannot tell a learned W from its random start.
 
         Args:
             step: the global optimizer step.
             weights: the tensor (any device, any float dtype; gathered already under ZeRO-3).
             layer_indices: the K 1-based decoder-layer indices the rows belong to.
+            initial: W at step 0; rows that started at zero get no relative change.
 
         Raises:
             ValueError: the number of rows differs from len(layer_indices).
@@ -150,6 +172,11 @@ class Monitor:
         if w.dim() == 2:
             pooled = torch.nn.functional.adaptive_avg_pool1d(w.abs()[None], min(w.shape[1], _HEATMAP_MAX_COLUMNS))[0]  # [K, <=256]
             self.writer.add_image("layer_weights/heatmap", self._heatmap(pooled, per_row=True), step, dataformats="HW")
+        if initial is not None and w.dim() == 2:
+            rows, _ = relative_change(w, initial)  # [K]
+            for index, change in zip(layer_indices, rows.tolist()):
+                if change == change:  # not NaN: the row did not start at zero
+                    self.writer.add_scalar(f"layer_weights/change/layer_{index}", change, step)
 
     @staticmethod
     def _heatmap(values: torch.Tensor, per_row: bool = False) -> torch.Tensor:

@@ -30,7 +30,9 @@ def summarize_metrics(path: str | Path, up_to_step: int | None = None, window: i
     Returns:
         {"steps", "window", "first_accuracy", "last_accuracy", "last_loss", "last_cosine_gap"
         (positive minus negative cosine: near 0 when every text is embedded alike),
-        "max_grad_norm", "max_grad_step"}; None when the file is absent or logs no training step
+        "max_grad_norm", "max_grad_step", "layer_weights_change" (||W - W0|| / ||W0|| of a
+        multi-layer head's layer weights at the last step that logged it; None without)}; None when
+        the file is absent or logs no training step
         (unreadable lines are skipped: a run killed mid-write leaves a cut last line).
     """
     path = Path(path)
@@ -53,11 +55,13 @@ def summarize_metrics(path: str | Path, up_to_step: int | None = None, window: i
     grads = [(float(r["train/grad_norm"]), r.get("step")) for r in rows
              if isinstance(r.get("train/grad_norm"), (int, float)) and math.isfinite(r["train/grad_norm"])]
     top = max(grads, default=(None, None))
+    changes = [r["layer_weights/change"] for r in rows if isinstance(r.get("layer_weights/change"), (int, float))]
     return {"steps": len(rows), "window": min(window, len(rows)),
             "first_accuracy": _mean(first, "train/accuracy"), "last_accuracy": _mean(last, "train/accuracy"),
             "last_loss": _mean(last, "train/loss"),
             "last_cosine_gap": None if pos is None or neg is None else pos - neg,
-            "max_grad_norm": top[0], "max_grad_step": top[1]}
+            "max_grad_norm": top[0], "max_grad_step": top[1],
+            "layer_weights_change": changes[-1] if changes else None}
 
 
 def read_summary(model_dir: str | Path) -> dict[str, Any] | None:

@@ -116,6 +116,9 @@ class Trainer:
                               f"embeddings have {self.model.dim} dimensions (list sizes up to {self.model.dim})")
         seed_everything(train.seed + self.rank)  # then per-rank dropout streams
         self.step = 0
+        # W at step 0, for its change in TensorBoard and metrics.jsonl; checkpoints carry it, so a
+        # resumed run measures from the same start (None: no layer weights, or an older checkpoint)
+        self.layer_weights_init = self._gather_layer_weights() if self.resume_tag is None else None
         prepare_run_dir(recipe, fresh=self.resume_tag is None, damaged=damaged, resume_tag=self.resume_tag)
         if self.resume_tag is not None:
             self._resume(self.resume_tag)
@@ -128,6 +131,7 @@ class Trainer:
         if state.get("world_size") not in (None, self.world):
             raise CheckpointError(f"{folder / tag}: saved with {state['world_size']} ranks, resumed with {self.world} (use the same number of ranks)")
         self.step = int(state["step"])
+        self.layer_weights_init = state.get("layer_weights_init")
         rng = folder / tag / f"rng_rank{self.rank}.pt"
         if rng.is_file():
             set_rng_states(torch.load(rng, weights_only=False))
@@ -145,6 +149,8 @@ class Trainer:
         dist.barrier()
         client_state = {"step": step, "data_position": {"step": step, "accum_index": 0},
                         "world_size": self.world, "recipe": self.recipe.to_yaml()}
+        if self.layer_weights_init is not None:
+            client_state["layer_weights_init"] = self.layer_weights_init
         self.engine.save_checkpoint(folder, tmp.name, client_state)
         torch.save(rng_states(), tmp / f"rng_rank{self.rank}.pt")
         TestHooks.crash("save-shards", step)
@@ -244,14 +250,24 @@ class Trainer:
             metrics["train/lr_head"] = max(lrs, key=lambda lr: abs(lr - lrs[0]))
         return metrics
 
-    def _log_layer_weights(self, monitor: Any) -> None:
-        pooler = getattr(self.model, "pooler", None)
-        weights = getattr(pooler, "layer_weights", None)
+    def _gather_layer_weights(self) -> torch.Tensor | None:
+        """The head's layer weights W [K, D] as a whole CPU float32 copy (collective under ZeRO-3:
+        every rank calls it), or None when the head has none."""
+        weights = getattr(getattr(self.model, "pooler", None), "layer_weights", None)
         if not isinstance(weights, torch.nn.Parameter):
-            return
-        with self.engine.gathered([weights]):  # collective under ZeRO-3: every rank enters
-            full = weights.detach().float().cpu().clone()  # [K, D]
-        monitor.log_layer_weights(self.step, full, pooler.tapped_layers)
+            return None
+        with self.engine.gathered([weights]):
+            return weights.detach().float().cpu().clone()  # [K, D]
+
+    def _log_layer_weights(self, monitor: Any) -> float | None:
+        """Log W (and its change from step 0) to TensorBoard; returns ||W - W0|| / ||W0|| or None."""
+        from dsembed.training.monitor import relative_change
+
+        full = self._gather_layer_weights()  # [K, D]
+        if full is None:
+            return None
+        monitor.log_layer_weights(self.step, full, self.model.pooler.tapped_layers, initial=self.layer_weights_init)
+        return None if self.layer_weights_init is None else relative_change(full, self.layer_weights_init)[1]
 
     def _report_skipped(self, monitor: Any) -> None:
         """data.skip_malformed: the count of skipped rows on the console and in TensorBoard."""
@@ -287,6 +303,10 @@ class Trainer:
                 start = time.perf_counter()
                 stats = self.train_step()
                 metrics = self._metrics(stats, time.perf_counter() - start)
+                if self.step % log.histogram_steps == 0 or self.step == last:
+                    change = self._log_layer_weights(monitor)
+                    if change is not None:
+                        metrics["layer_weights/change"] = change  # into metrics.jsonl and the run summary
                 new_best = False
                 if self.evaluator is not None and self.evaluator.due(self.step):
                     scores, new_best = self.evaluator.evaluate(self.model, self.step)
@@ -300,8 +320,6 @@ class Trainer:
                         metrics_file.flush()
                 else:
                     monitor.update(self.step)
-                if self.step % log.histogram_steps == 0 or self.step == last:
-                    self._log_layer_weights(monitor)
                 if self.step % t.save_steps == 0 or self.step == last or new_best:
                     self.save()  # a new best is checkpointed, so that best.json always names a checkpoint
             TestHooks.dump_embeddings(self.model)

@@ -73,5 +73,11 @@ def test_zero3_two_ranks_lora_checkpointing_trains(tmp_path: Path, variant: str)
         for layer in range(1, 5):
             norms = [e.value for e in acc.Scalars(f"layer_weights/norm/layer_{layer}")]
             assert len(norms) == 3 and len(set(norms)) == 3, (layer, norms)
+            assert len(acc.Scalars(f"layer_weights/change/layer_{layer}")) == 3
+        # its change from step 0's W (also gathered from the partitions) grows from 0 and is recorded
+        changes = [r["layer_weights/change"] for r in rows if "layer_weights/change" in r]
+        assert len(changes) == 3 and 0 < changes[0] < changes[2], changes
+        assert state["layer_weights_init"].shape == (4, 64)  # the whole W0, for a resume
     else:
         assert "layer_weights/values" not in tags["histograms"]
+        assert not any("layer_weights/change" in r for r in rows)

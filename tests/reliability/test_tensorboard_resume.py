@@ -10,6 +10,7 @@ import collections
 import json
 from pathlib import Path
 
+import pytest
 from relhelp import cli
 
 COMMON = ["train.max_steps=8", "train.save_steps=4", "logging.histogram_steps=2"]
@@ -32,6 +33,7 @@ def test_kill_and_resume_logs_each_step_once(tmp_path: Path) -> None:
     killed = cli([f"train.output_dir={out}", *COMMON], DSEMBED_CRASH_AT="step@7")
     assert killed.returncode == -9, killed.stderr[-2000:]
     before = _events(out / "tensorboard")
+    killed_rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert before[("train/loss", 5)] == 1 and before[("train/loss", 6)] == 1  # logged after the step-4 checkpoint
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
 
@@ -45,4 +47,9 @@ def test_kill_and_resume_logs_each_step_once(tmp_path: Path) -> None:
     assert sorted(step for tag, step in after if tag == "layer_weights/values") == [2, 4, 6, 8]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
+    # W's change is measured from step 0's W, which the checkpoint carries: step 6, logged before the
+    # kill and again after the resume from step 4, reads the same
+    changes = {r["step"]: r["layer_weights/change"] for r in rows if "layer_weights/change" in r}
+    assert sorted(changes) == [2, 4, 6, 8] and 0 < changes[2] < changes[8]
+    assert changes[6] == pytest.approx(killed_rows[6]["layer_weights/change"], rel=1e-6)
     assert not list((out / "tensorboard").glob(".rewrite-*"))

@@ -75,3 +75,22 @@ def test_non_main_rank_and_disabled_outputs_write_nothing(tmp_path, monkeypatch,
     with Monitor(tmp_path / "r0", quiet, total_steps=5) as monitor:
         monitor.log_scalars(1, {"train/loss": 1.0})
     assert not (tmp_path / "r0" / "tensorboard").exists()
+
+
+def test_change_from_the_initial_layer_weights_per_row(tmp_path):
+    from dsembed.training.monitor import relative_change
+
+    initial = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]])  # row norms 5, 0, 1
+    weights = torch.tensor([[3.0, 5.0], [0.0, 2.0], [1.0, 0.0]])
+    rows, whole = relative_change(weights, initial)
+    assert rows[0].item() == pytest.approx(0.2) and rows[2].item() == 0.0
+    assert torch.isnan(rows[1])  # a row that started at zero has no relative change
+    assert whole == pytest.approx((1.0 + 4.0) ** 0.5 / (25.0 + 1.0) ** 0.5)
+    assert relative_change(weights, torch.zeros(3, 2))[1] is None  # layer_weights_init: zeros
+
+    with Monitor(tmp_path, recipe_from_dict({}), total_steps=1, enabled=True) as monitor:
+        monitor.log_layer_weights(1, weights, [5, 6, 7], initial=initial)
+    acc = read_events(tmp_path / "tensorboard")
+    assert acc.Scalars("layer_weights/change/layer_5")[0].value == pytest.approx(0.2)
+    assert acc.Scalars("layer_weights/change/layer_7")[0].value == 0.0
+    assert "layer_weights/change/layer_6" not in acc.Tags()["scalars"]
