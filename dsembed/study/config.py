@@ -4,6 +4,7 @@ the Holm family. dsembed.study.runner runs the stages; dsembed.study.plan estima
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,10 @@ class StudyConfig:
     # a bf16 run: loads anywhere without peft) or adapter (evaluated as it trained: a bf16 backbone
     # with bf16 adapters, 1.5x faster to encode than the float32 merge on a bf16 CPU)
     lora_export: Literal["merged", "adapter"] = "merged"
+    # exploratory comparisons beside the pre-specified one against the baseline: name -> [variant,
+    # the variant it is tested against], e.g. bidirectional vs causal attention with the same head.
+    # Each gets its own report (report/contrasts/<name>/; Holm over the contrast's own categories).
+    contrasts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -111,6 +116,12 @@ def load_study(path: str | Path, launch: dict[str, Any] | None = None, overrides
     names = list(study.variants) + ([BASE_NAME] if study.include_base else [])
     if study.baseline is not None and study.baseline not in names:
         raise RecipeError(f"{where}: baseline = {study.baseline!r} is not one of {names}")
+    for label, pair in study.contrasts.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
+            raise RecipeError(f"{where}: contrasts: the name {label!r} names a report folder (letters, digits, . _ -)")
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(names):
+            raise RecipeError(f"{where}: contrasts: {label} = {pair} should be [variant, variant it is tested "
+                              f"against]: two different names of {names}")
     if BASE_NAME in study.variants:
         raise RecipeError(f"{where}: variants: the name {BASE_NAME!r} is reserved for the untrained backbone")
     if not study.tasks and study.tasks_dir is None:

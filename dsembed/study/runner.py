@@ -299,5 +299,12 @@ class StudyRunner:
         if study.include_base and baseline != BASE_NAME:
             compare += ["--reference", BASE_NAME]  # shown, not a question of the study: outside the Holm family
         self._run("compare", compare)
+        for label, (variant, against) in study.contrasts.items():  # each tested variant is its own Holm family
+            keys = {BASE_NAME} if BASE_NAME in (variant, against) else set()
+            keys |= {run.key for run in runs if run.variant in (variant, against)}
+            self._run(f"compare {label}", [sys.executable, "-m", "dsembed.cli.compare",
+                                           *[r for r in results if Path(r).stem in keys], "--baseline", against,
+                                           "--output", str(out / "report" / "contrasts" / label),
+                                           "--holm-family", holm_family(study)])
         write_text_atomic(out / "report" / "stage-times.md", f"# Wall time per stage ({study.name})\n\n{times_table(out)}")
         return out / "report"

@@ -23,3 +23,11 @@ def test_tiny_study_writes_report_with_every_variant_and_plots(tiny_study):
         assert (out / "models" / name / "dsembed.json").is_file()
         assert any((out / "runs" / name / "tensorboard").iterdir())
     assert "(5/5) model5: train" in proc.stdout
+    # the study file's contrasts: each pair compared on its own, against the second name
+    for label, variant, against in (("attention-multi-layer", "model5", "model3"), ("trained-vs-base", "model1", "base")):
+        folder = out / "report" / "contrasts" / label
+        contrast = json.loads((folder / "comparison.json").read_text())
+        assert (contrast["baseline"], sorted(contrast["variants"])) == (against, sorted([variant, against]))
+        assert f"# Comparison against `{against}`" in (folder / "report.md").read_text(encoding="utf-8")
+    times = json.loads((out / "stage-times.json").read_text())
+    assert {"compare attention-multi-layer", "compare trained-vs-base"} <= set(times)
