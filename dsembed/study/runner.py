@@ -20,6 +20,7 @@ every node from this one, over ssh/pdsh); runs and models must be on a shared fi
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -306,5 +307,21 @@ class StudyRunner:
                                            *[r for r in results if Path(r).stem in keys], "--baseline", against,
                                            "--output", str(out / "report" / "contrasts" / label),
                                            "--holm-family", holm_family(study)])
+        if study.contrasts:  # their answers in the study's report too: a reader of report.md sees them
+            report = out / "report" / "report.md"
+            write_text_atomic(report, report.read_text(encoding="utf-8") + contrasts_section(out / "report", study))
         write_text_atomic(out / "report" / "stage-times.md", f"# Wall time per stage ({study.name})\n\n{times_table(out)}")
         return out / "report"
+
+
+def contrasts_section(report_dir: Path, study: StudyConfig) -> str:
+    """Markdown: each contrast's answers (one line per category), linking its own report."""
+    from dsembed.evaluation.report import answers
+
+    out = ["", "## Contrasts (exploratory, beside the comparison against the baseline)", ""]
+    for label, (variant, against) in study.contrasts.items():
+        comparison = json.loads((report_dir / "contrasts" / label / "comparison.json").read_text(encoding="utf-8"))
+        out += [f"### {label}: {variant} against {against} ([report](contrasts/{label}/report.md))", ""]
+        out += [f"- {line}" for line in answers(comparison)] + [""]
+    return "\n".join(out)
+

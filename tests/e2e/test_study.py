@@ -29,5 +29,8 @@ def test_tiny_study_writes_report_with_every_variant_and_plots(tiny_study):
         contrast = json.loads((folder / "comparison.json").read_text())
         assert (contrast["baseline"], sorted(contrast["variants"])) == (against, sorted([variant, against]))
         assert f"# Comparison against `{against}`" in (folder / "report.md").read_text(encoding="utf-8")
+    section = report[report.index("## Contrasts"):]  # their answers in the study's report too
+    assert "### attention-multi-layer: model5 against model3 ([report](contrasts/attention-multi-layer/report.md))" in section
+    assert section.count("- model5 vs model3, ") == 4 and section.count("- model1 vs base, ") == 4
     times = json.loads((out / "stage-times.json").read_text())
     assert {"compare attention-multi-layer", "compare trained-vs-base"} <= set(times)

@@ -181,3 +181,28 @@ def test_studies_share_the_paper_runs_they_reuse(tmp_path, monkeypatch):
     all_layers = load_recipe(REPO / "recipes" / "ablations" / "smollm2-135m" / "all.yaml", run_overrides(study, "model5", 0))
     model5 = load_recipe(recipe_path(study, root, "model5"), run_overrides(study, "model5", 0))
     assert recipe_fingerprint(all_layers) == recipe_fingerprint(model5)
+
+
+def test_contrast_answers_are_appended_to_the_study_report(tmp_path):
+    """Each contrast's answers reach report.md, under its name, linking its own report."""
+    import dataclasses
+    import json
+
+    from dsembed.evaluation.comparison import compare, load_results
+    from dsembed.study.runner import contrasts_section
+    from tests.unit.test_compare_cli import _fake_results
+
+    files = []
+    for name, quality in (("causal", 0.4), ("bidir", 0.6)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(_fake_results(name, quality, seed=len(files))))
+    folder = tmp_path / "report" / "contrasts" / "attention"
+    folder.mkdir(parents=True)
+    comparison = compare(load_results(files), "causal", n_resamples=20)
+    (folder / "comparison.json").write_text(json.dumps(comparison))
+    study, _ = load_study(write(tmp_path, "name: x\noutput_dir: o\nvariants: {bidir: r.yaml, causal: r.yaml}\ntasks_dir: t\n"))
+    study = dataclasses.replace(study, contrasts={"attention": ["bidir", "causal"]})
+    text = contrasts_section(tmp_path / "report", study)
+    assert "### attention: bidir against causal ([report](contrasts/attention/report.md))" in text
+    lines = [line for line in text.splitlines() if line.startswith("- bidir vs causal, ")]
+    assert len(lines) == len(comparison["categories"]) and all("points" in line for line in lines)
