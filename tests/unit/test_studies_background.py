@@ -2,6 +2,7 @@
 checkout, as one process group that status reports and pause / resume / stop act on as a whole."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -19,8 +20,9 @@ def _git(repo: Path, *args: str) -> str:
 @pytest.fixture
 def repo(tmp_path):
     """A checkout of its own holding the script: the copy `start` makes is a worktree of it."""
-    if shutil.which("git") is None or shutil.which("setsid") is None:
-        pytest.skip("needs git and setsid")
+    missing = [tool for tool in ("git", "setsid", "ps", "nohup") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
     repo = tmp_path / "checkout"
     (repo / "tools").mkdir(parents=True)
     shutil.copy(SCRIPT, repo / "tools")
@@ -31,7 +33,7 @@ def repo(tmp_path):
 
 
 def _run(repo, action, out, *extra, env_command="sleep 30"):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(out.parent), "STUDIES_COMMAND": env_command,
+    env = {"PATH": os.environ["PATH"], "HOME": str(out.parent), "STUDIES_COMMAND": env_command,
            "STUDIES_CHECKOUT": str(repo.parent / "copy")}
     return subprocess.run(["bash", str(repo / "tools" / "studies_background.sh"), action, str(out), *extra],
                           capture_output=True, text=True, env=env, timeout=60)
