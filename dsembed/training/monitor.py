@@ -133,18 +133,18 @@ class Monitor:
     # ------------------------------------------------------------------ layer weights
 
     def log_layer_weights(self, step: int, weights: torch.Tensor, layer_indices: Sequence[int],
-                          initial: torch.Tensor | None = None) -> None:
+                          change: torch.Tensor | None = None) -> None:
         """The multi-layer head's per-layer weights: histogram, per-layer norms, images, and how far
         they moved from their initialisation.
 
         Shapes:
             weights: [K, D] (the matrix W, one row per selected layer) or [K] (per-layer norms).
-            initial: [K, D], W at step 0 (or None).
+            change: [K], each row's relative change from step 0 (`relative_change`), or None.
 
         Writes `layer_weights/values` (histogram), `layer_weights/norm/layer_<i>` (scalars),
         `layer_weights/norms` (bar chart image; a one-row heatmap without matplotlib) and, for
         [K, D], `layer_weights/heatmap` (|W| with each row scaled to 0..1, columns averaged to <=256).
-        With `initial`: `layer_weights/change/layer_<i>`, the relative change ||W - W0|| / ||W0|| of
+        With `change`: `layer_weights/change/layer_<i>`, the relative change ||W - W0|| / ||W0|| of
         each row (the trainer logs the whole matrix's as the metric `layer_weights/change`). Why: a
         normal-initialised W has row norms near sqrt(D) whether or not it learned anything, so its
         norms alone cannot tell a learned W from its random start.
@@ -153,16 +153,19 @@ class Monitor:
             step: the global optimizer step.
             weights: the tensor (any device, any float dtype; gathered already under ZeRO-3).
             layer_indices: the K 1-based decoder-layer indices the rows belong to.
-            initial: W at step 0; rows that started at zero get no relative change.
+            change: computed once by the caller, which also needs the whole matrix's; NaN rows
+                (started at zero) are not logged.
 
         Raises:
-            ValueError: the number of rows differs from len(layer_indices).
+            ValueError: the number of rows (of weights or change) differs from len(layer_indices).
         """
         if not self.enabled or self.writer is None:
             return
         w = weights.detach().float().cpu()
         if w.dim() not in (1, 2) or w.shape[0] != len(layer_indices):
             raise ValueError(f"weights {tuple(w.shape)} should be [K] or [K, D] with K = {len(layer_indices)}")
+        if change is not None and tuple(change.shape) != (len(layer_indices),):
+            raise ValueError(f"change {tuple(change.shape)} should be [K] with K = {len(layer_indices)}")
         norms = w.norm(dim=1) if w.dim() == 2 else w  # [K]
         self.writer.add_histogram("layer_weights/values", w.flatten(), step)
         for index, norm in zip(layer_indices, norms.tolist()):
@@ -172,11 +175,10 @@ class Monitor:
         if w.dim() == 2:
             pooled = torch.nn.functional.adaptive_avg_pool1d(w.abs()[None], min(w.shape[1], _HEATMAP_MAX_COLUMNS))[0]  # [K, <=256]
             self.writer.add_image("layer_weights/heatmap", self._heatmap(pooled, per_row=True), step, dataformats="HW")
-        if initial is not None and w.dim() == 2:
-            rows, _ = relative_change(w, initial)  # [K]
-            for index, change in zip(layer_indices, rows.tolist()):
-                if change == change:  # not NaN: the row did not start at zero
-                    self.writer.add_scalar(f"layer_weights/change/layer_{index}", change, step)
+        if change is not None:
+            for index, row_change in zip(layer_indices, change.tolist()):
+                if row_change == row_change:  # not NaN: the row did not start at zero
+                    self.writer.add_scalar(f"layer_weights/change/layer_{index}", row_change, step)
 
     @staticmethod
     def _heatmap(values: torch.Tensor, per_row: bool = False) -> torch.Tensor:

@@ -266,8 +266,11 @@ class Trainer:
         full = self._gather_layer_weights()  # [K, D]
         if full is None:
             return None
-        monitor.log_layer_weights(self.step, full, self.model.pooler.tapped_layers, initial=self.layer_weights_init)
-        return None if self.layer_weights_init is None else relative_change(full, self.layer_weights_init)[1]
+        rows, whole = None, None  # an older checkpoint's run has no W0 to measure from
+        if self.layer_weights_init is not None:
+            rows, whole = relative_change(full, self.layer_weights_init)  # [K], float | None
+        monitor.log_layer_weights(self.step, full, self.model.pooler.tapped_layers, change=rows)
+        return whole
 
     def _report_skipped(self, monitor: Any) -> None:
         """data.skip_malformed: the count of skipped rows on the console and in TensorBoard."""

@@ -89,7 +89,9 @@ def test_change_from_the_initial_layer_weights_per_row(tmp_path):
     assert relative_change(weights, torch.zeros(3, 2))[1] is None  # layer_weights_init: zeros
 
     with Monitor(tmp_path, recipe_from_dict({}), total_steps=1, enabled=True) as monitor:
-        monitor.log_layer_weights(1, weights, [5, 6, 7], initial=initial)
+        monitor.log_layer_weights(1, weights, [5, 6, 7], change=rows)
+        with pytest.raises(ValueError, match=r"change \(2,\) should be \[K\] with K = 3"):
+            monitor.log_layer_weights(1, weights, [5, 6, 7], change=rows[:2])
     acc = read_events(tmp_path / "tensorboard")
     assert acc.Scalars("layer_weights/change/layer_5")[0].value == pytest.approx(0.2)
     assert acc.Scalars("layer_weights/change/layer_7")[0].value == 0.0
