@@ -35,13 +35,20 @@ study() {  # name, extra dsembed-study arguments
 }
 study paper-smollm2
 study ablations-smollm2 --reuse "$OUT/paper-smollm2"
-if [ ! -f runs/mined/paper-model1-s0.jsonl ]; then
+# The mined file lives in OUT (which outlasts the checkout between sessions); the features study
+# names it by its checkout path (recipes/studies/features-smollm2.yaml), so it is copied there.
+MINED=paper-model1-s0
+if [ ! -f "$OUT/mined/$MINED.mining.json" ] && [ -f runs/mined/$MINED.mining.json ]; then
+  mkdir -p "$OUT/mined" && cp -p runs/mined/$MINED.jsonl runs/mined/$MINED.mining.json "$OUT/mined/"
+fi
+if [ ! -f "$OUT/mined/$MINED.mining.json" ]; then  # written last: its presence means the file is whole
   # a run whose evaluation was reused is not retrained; mining needs this one's model
   [ -f "$OUT/paper-smollm2/models/model1-s0/dsembed.json" ] || study paper-smollm2 --model model1-s0
   step "mine with the paper study's model1-s0"
   /usr/bin/time -f "wall %e s" dsembed-mine "$OUT/paper-smollm2/models/model1-s0" $TRAIN --negatives 1 --margin 0.95 \
-    --output runs/mined/paper-model1-s0.jsonl || fail "mining failed"
+    --output "$OUT/mined/$MINED.jsonl" || fail "mining failed"
 fi
+mkdir -p runs/mined && cp -p "$OUT/mined/$MINED.jsonl" "$OUT/mined/$MINED.mining.json" runs/mined/
 study features-smollm2 --reuse "$OUT/paper-smollm2"
 LIMITS="--limit 256 --task-limit SciFact=32 --task-limit Cranfield=32 --task-limit NFCorpus=8 --task-limit CACM=32
         --task-limit LISA=32 --task-limit NPL=32 --task-limit Medline=30 --task-limit CysticFibrosis=32"
