@@ -7,9 +7,11 @@ redoes at most one shard:
   K, margin or data elsewhere still reuses them;
 - `examples-NNNNN.json`: the negatives chosen for a shard of examples, keyed by the job key (the
   model's fingerprint, the settings, the SHA-256 of all examples and of the corpus) and the shard.
-A shard is written to a temporary name and renamed (whole or absent). The output JSONL and its record
-`<output stem>.mining.json` (settings, the model's fingerprint, counts) are written last, atomically;
-the shard folder is then removed unless `keep_shards`.
+A shard is written to a temporary name and renamed (whole or absent). The output JSONL, then its record
+`<output stem>.mining.json` (settings, the model's fingerprint, counts) are written last, atomically
+(the record is the proof of a whole output); the shard folder is then removed unless `keep_shards`.
+Each output row keeps its group as `source` (the input's `source`, else its data file), so
+`data.batching: by_source` on the mined file draws from the same groups as on the input.
 
 Shapes: N documents, M queries of a shard, D embedding size.
 """
@@ -308,16 +310,22 @@ def up_to_date(output: Path, key: dict[str, Any]) -> bool:
 
 def write_output(output: Path, plan: MiningPlan, negatives: list[list[str]], counts: dict[str, int],
                  info: dict[str, Any], keep_shards: bool) -> None:
-    """The training JSONL and its record (each atomically), then the shard folder goes."""
+    """The training JSONL, then its record (each atomically), then the shard folder goes.
+
+    An earlier record is removed first and the new one written last: it is what `up_to_date`
+    trusts, so a run killed between the writes leaves an output without a record (refused until
+    --overwrite), never a record that vouches for another run's output.
+    """
     lines = []
     for example, chosen in zip(plan.examples, negatives):
         row: dict[str, Any] = {"query": example.query, "positive": example.positive, "negatives": chosen}
-        if example.source is not None:
-            row["source"] = example.source
+        if example.group:  # the row's source, else its data file: by_source batches keep the grouping
+            row["source"] = example.group
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     record = {"format": FORMAT, "key": plan.key, "counts": counts,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
-    write_text_atomic(record_path(output), json.dumps(record, indent=1) + "\n")
+    record_path(output).unlink(missing_ok=True)
     write_text_atomic(output, "".join(lines))
+    write_text_atomic(record_path(output), json.dumps(record, indent=1) + "\n")
     if not keep_shards:
         shutil.rmtree(shards_path(output), ignore_errors=True)

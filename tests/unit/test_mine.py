@@ -141,6 +141,44 @@ def test_a_killed_run_resumes_from_its_shards_and_ranks_give_the_same_output(min
     assert (tmp_path / "ranked.jsonl").read_bytes() == (mined / "mined.jsonl").read_bytes()
 
 
+def test_a_run_killed_between_output_and_record_is_never_up_to_date(mined, tmp_path, monkeypatch, capsys):
+    """The record is the proof of a whole output: it goes before the new output and comes back last."""
+    from dsembed.mining import job
+
+    for name in ("data.jsonl", "mined.jsonl", "mined.mining.json"):
+        (tmp_path / name).write_bytes((mined / name).read_bytes())
+    write = job.write_text_atomic
+
+    def killed_at_the_record(path, text):
+        if Path(path).name.endswith(".mining.json"):
+            raise KeyboardInterrupt  # the kill: after the new output, before its record
+        write(path, text)
+
+    monkeypatch.setattr(job, "write_text_atomic", killed_at_the_record)
+    assert _mine(tmp_path, "--skip-top", "1", "--overwrite") == 130
+    monkeypatch.setattr(job, "write_text_atomic", write)
+    assert (tmp_path / "mined.jsonl").read_bytes() != (mined / "mined.jsonl").read_bytes()  # the new output
+    assert not (tmp_path / "mined.mining.json").exists()
+    capsys.readouterr()
+    assert _mine(tmp_path) == 2  # the old settings' record is gone: not "up to date" with the new rows
+    assert "use --overwrite" in capsys.readouterr().err
+
+
+def test_rows_without_a_source_keep_their_data_file_for_by_source_batches(tmp_path):
+    files = []
+    for name, topics in (("a.jsonl", TOPICS[:3]), ("b.jsonl", TOPICS[3:])):
+        rows = [{"query": f"what about {t} {i}?", "positive": f"{t} fact {i}", "negative": f"{t} myth {i}"}
+                for i in range(4) for t in topics]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        files.append(str(tmp_path / name))
+    out = tmp_path / "mined.jsonl"
+    assert run_cli(mine_cli.main, [str(TINY), *files, "--output", str(out), "--negatives", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in rows] == [files[0]] * 12 + [files[1]] * 12
+    examples = load_examples(load_recipe(TINY, [f"data.train=[{out}]", "data.batching=by_source"]))
+    assert {e.group for e in examples} == set(files)
+
+
 def test_a_given_corpus_supplies_the_candidates(tmp_path):
     _data(tmp_path / "data.jsonl", n=12)
     texts = [f"{t} essay {k}" for t in TOPICS for k in range(2)]
