@@ -52,7 +52,7 @@ from dsembed.evaluation.chance import cached_chance_level
 from dsembed.evaluation.encoder import MtebEncoder, TextEncoder
 from dsembed.evaluation.presets import CATEGORY_OF_TYPE, MAIN_METRIC, PRESETS, default_instruction
 from dsembed.evaluation.statistics import item_score
-from dsembed.evaluation.tasks import limit_task
+from dsembed.evaluation.tasks import limit_task, number_binary_test_labels
 
 logger = logging.getLogger(__name__)
 RESULTS_FORMAT = "dsembed-eval/1"
@@ -135,6 +135,7 @@ def prepare_tasks(tasks: list[AbsTask], limit: int | None = None, seed: int = LI
         task_limit = (task_limits or {}).get(task.metadata.name, limit)
         if task_limit is not None:
             limit_task(task, task_limit, seed)
+        number_binary_test_labels(task)  # after the limit: the kept sample decides whether AP applies
 
 
 def resolve_instructions(tasks: list[AbsTask], overrides: dict[str, str] | None = None) -> dict[str, str]:

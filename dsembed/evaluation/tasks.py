@@ -291,6 +291,33 @@ def _pick(n_total: int, n: int, rng: np.random.Generator) -> list[int]:
     return sorted(rng.choice(n_total, size=min(n, n_total), replace=False).tolist())
 
 
+def number_binary_test_labels(task: AbsTask) -> None:
+    """Renumber a classification task whose test labels are two values other than 0 and 1.
+
+    mteb scores average precision whenever a test split holds exactly two labels, with pos_label=1:
+    labels {0, 2} or {-1, 0} stop the evaluation, and {1, 2} would score the wrong class as
+    positive. That happens for tasks labelled so, and for a multi-class task whose limited test
+    sample keeps two labels. Then the test's two labels become 0 and 1 (in their order) and every
+    other label 2, 3, ... in sorted order; `label_names` keeps the original label of each number
+    for reports. Tasks that need nothing are left untouched (their numbers are the data's own).
+    """
+    if not isinstance(task, AbsTaskClassification):
+        return
+    column = task.label_column_name
+    for box in task_containers(task).values():
+        test_labels = sorted({label for split in task.metadata.eval_splits if split in box
+                              for label in box[split][column]})
+        if len(test_labels) != 2 or test_labels == [0, 1]:
+            continue
+        others = sorted({label for split in box for label in box[split][column]} - set(test_labels))
+        order = test_labels + others
+        number = {label: i for i, label in enumerate(order)}
+        for split in list(box.keys()):
+            box[split] = box[split].map(lambda row: {column: number[row[column]]})
+        names = getattr(task, "label_names", None)
+        task.label_names = [names[label] if names else str(label) for label in order]
+
+
 def limit_task(task: AbsTask, limit: int, seed: int = 42) -> None:
     """Shrink a loaded task in place to about `limit` test items (a seeded random subset).
 

@@ -225,6 +225,39 @@ def test_string_labels_become_integers_and_reports_keep_the_names(tmp_path):
     assert set(result["items"]["default"]["gold"]) == {"0", "1"}
 
 
+def test_two_test_labels_other_than_0_and_1_are_renumbered_so_average_precision_applies(tmp_path):
+    """mteb's average precision takes pos_label=1 whenever a test split has two labels: {0, 2}
+    failed, and so did a three-label task whose test holds only "neg" and "pos" (numbers 0 and 2)."""
+    rng = np.random.default_rng(0)
+    words = {0: "bad awful poor", 1: "plain usual so-so", 2: "good great fine"}
+    for split, n, labels in (("train", 24, (0, 1, 2)), ("test", 16, (0, 2))):
+        for name, label in (("Gapped", lambda v: v), ("Sentiment", lambda v: ["neg", "neu", "pos"][v])):
+            write_jsonl(tmp_path / "classification" / name / f"{split}.jsonl",
+                        [{"text": f"{words[labels[i % len(labels)]]} {i}", "label": label(labels[i % len(labels)])}
+                         for i in rng.permutation(n).tolist()])
+    gapped, sentiment = load_local_tasks(tmp_path, ["Gapped", "Sentiment"])
+    run.prepare_tasks([gapped, sentiment])
+    assert gapped.label_names == ["0", "2", "1"] and sentiment.label_names == ["neg", "pos", "neu"]
+    for task in (gapped, sentiment):
+        assert set(task.dataset["test"]["label"]) == {0, 1} and set(task.dataset["train"]["label"]) == {0, 1, 2}
+        for split in ("train", "test"):  # number 1 is the original label 2 / "pos" in every split
+            part = task.dataset[split]
+            assert all(t.startswith(words[2]) == (label == 1) for t, label in zip(part["text"], part["label"]))
+    results = run.evaluate_tasks(HashEncoder(64), [gapped, sentiment], log=lambda _: None)["tasks"]
+    for name in ("Gapped", "Sentiment"):
+        assert results[name]["main_score"] > 0.9 and results[name]["label_names"][1] in ("2", "pos")
+    spam_like, = load_local_tasks(_binary_task(tmp_path / "plain"), ["Binary"])
+    run.prepare_tasks([spam_like])
+    assert spam_like.label_names is None  # 0/1 tasks keep their own numbers
+
+
+def _binary_task(root: Path) -> Path:
+    for split, n in (("train", 8), ("test", 4)):
+        write_jsonl(root / "classification" / "Binary" / f"{split}.jsonl",
+                    [{"text": f"text {i}", "label": i % 2} for i in range(n)])
+    return root
+
+
 class _FailsOn(HashEncoder):
     """Raises inside mteb's encode call when it meets a text containing `marker`."""
 
