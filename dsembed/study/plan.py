@@ -3,10 +3,15 @@
 Nothing is trained or evaluated. The plan
 - lists every stage and whether it is finished already;
 - estimates each stage's wall time on this machine from a few timed passes of each recipe's model
-  (seconds in all): a training step is one forward + backward of a real micro-batch of the recipe's
-  data (x 1.5 with cached steps, which embed the batch once more without a graph), an evaluation is
-  the tokens of every task at the study's limits divided by the model's measured encode throughput
-  (in float32 where the study merges a bf16 LoRA run: the merge computes in float32);
+  (seconds in all) on the device the runs use (a GPU where there is one): a training step is one
+  forward + backward of a real micro-batch of the recipe's data (x 1.5 with cached steps, which
+  embed the batch once more without a graph), an evaluation is the tokens of every task at the
+  study's limits divided by the model's measured encode throughput (in float32 where the study
+  merges a bf16 LoRA run: the merge computes in float32). With `nproc` processes: on GPUs each rank
+  steps its own micro-batch in the measured time and evaluation splits the texts over the ranks;
+  on a CPU the ranks share the cores, so a step takes about nproc times as long and evaluation as
+  long as in one process. The comparisons are listed, not estimated (their paired bootstrap scales
+  with the items scored, minutes on a CPU);
 - prints each task's chance level at the study's limits and names the tasks that carry no
   information there by construction (evaluation.chance), before anything is trained;
 - gives per category the number of datasets, the smallest two-sided p a Wilcoxon signed-rank test
@@ -37,9 +42,11 @@ class Timing:
     step_s: float  # one optimizer step (forward + backward of the contrastive batch, all accumulation)
     tokens_per_s: float  # encode throughput in eval mode, as the recipe computes (the untrained base)
     exported_tokens_per_s: float  # ... as the study's export computes: float32 for a bf16 LoRA merge
+    device: str = "cpu"  # where it was timed: "cuda" where a GPU is visible, as training and evaluation use
 
 
-def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool = False) -> Timing:
+def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool = False,
+                device: str | None = None) -> Timing:
     """Time a model build, `repeats` forward+backward passes of one real micro-batch, and an encode.
 
     Args:
@@ -48,6 +55,7 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool
         repeats: passes of each kind; the fastest counts (the first warms the kernels up).
         merged: the study exports LoRA merged (`lora_export: merged`): a bf16 / fp16 run's merge
             computes in float32, so its evaluation is timed in float32 too.
+        device: where to time; None: the first GPU if one is visible (the runs use it), else the CPU.
     """
     import torch
 
@@ -57,20 +65,28 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool
     from dsembed.modeling.weights import merged_dtype
     from dsembed.training.loss import info_nce
 
-    start = time.perf_counter()
-    model = build_model(recipe, attn_fallback=True)
-    build_s = time.perf_counter() - start
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def now() -> float:  # GPU kernels run asynchronously: wait for them before reading the clock
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    start = now()
+    model = build_model(recipe, attn_fallback=True).to(device)
+    build_s = now() - start
     examples = load_examples(recipe)[: recipe.train.micro_batch_size]
-    batch = collate(examples, model.tokenizer, recipe)
+    batch = {side: {k: v.to(device) for k, v in inputs.items()}
+             for side, inputs in collate(examples, model.tokenizer, recipe).items() if side in ("query", "documents")}
     model.train()
     passes = []
     for _ in range(repeats):
-        begin = time.perf_counter()
+        begin = now()
         q = model(**batch["query"])  # [b, D]
         d = model(**batch["documents"])  # [b*(1+n), D]
         info_nce(q, d, recipe.loss.temperature, gather=False).loss.backward()
         model.zero_grad(set_to_none=True)
-        passes.append(time.perf_counter() - begin)
+        passes.append(now() - begin)
     factor = CACHED_STEP_FACTOR if recipe.train.cache_chunk_size else 1.0
     step_s = min(passes) * recipe.train.gradient_accumulation_steps * factor
     sample = texts[:64] or ["a short text"]
@@ -80,9 +96,9 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool
         encodes = []
         with torch.no_grad():
             for _ in range(repeats):
-                begin = time.perf_counter()
+                begin = now()
                 model.encode(sample, batch_size=32)
-                encodes.append(time.perf_counter() - begin)
+                encodes.append(now() - begin)
         return min(encodes)
 
     as_recipe = encode_seconds()
@@ -93,7 +109,7 @@ def time_recipe(recipe: Recipe, texts: list[str], repeats: int = 2, merged: bool
         # the head in float32 as well: slightly slower than the merged export, an upper bound
         model.float()
         exported = encode_seconds()
-    return Timing(build_s, step_s, tokens / as_recipe, tokens / exported)
+    return Timing(build_s, step_s, tokens / as_recipe, tokens / exported, device)
 
 
 def _task_texts(task: Any) -> list[str]:
@@ -148,7 +164,7 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
         t = timings[variant] = time_recipe(recipe, sample, merged=study.lora_export == "merged")
         exported = (f" ({t.exported_tokens_per_s:.0f} as exported: float32 LoRA merge)"
                     if t.exported_tokens_per_s != t.tokens_per_s else "")
-        log(f"[plan] timed {variant}: build {t.build_s:.1f} s, step {t.step_s:.2f} s, "
+        log(f"[plan] timed {variant} on {t.device}: build {t.build_s:.1f} s, step {t.step_s:.2f} s, "
             f"encode {t.tokens_per_s:.0f} tokens/s{exported}")
     first = load_recipe(recipe_path(study, root, next(iter(study.variants))), run_overrides(study, next(iter(study.variants))))
     from dsembed.modeling.backbone import load_backbone
@@ -158,9 +174,16 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     tokens = {name: sum(min(len(ids), m.max_length) for ids in tokenizer(list(batch), add_special_tokens=False)["input_ids"])
               + len(batch) * int(m.append_eos) for name, batch in texts.items() if batch}
 
+    def on_gpu(timing: Timing) -> bool:
+        return timing.device.startswith("cuda")
+
     def eval_seconds(timing: Timing, exported: bool = True) -> float:
         rate = timing.exported_tokens_per_s if exported else timing.tokens_per_s
-        return timing.build_s + sum(tokens.values()) / rate
+        ranks = study.nproc if on_gpu(timing) else 1  # CPU ranks share the cores: no faster
+        return timing.build_s + sum(tokens.values()) / rate / ranks
+
+    def step_seconds(timing: Timing) -> float:
+        return timing.step_s * (1 if on_gpu(timing) else study.nproc)  # each rank steps its own micro-batch
 
     stages = runner._stages()
     skipped = runner.not_needed(stages)  # evaluated already: their training would change nothing
@@ -168,14 +191,16 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     for run in training_runs(study):
         t = timings[run.variant]
         recipe = load_recipe(recipe_path(study, root, run.variant), run_overrides(study, run.variant, run.seed))
-        estimates = {f"train {run.key}": t.build_s + recipe.train.max_steps * t.step_s,
+        estimates = {f"train {run.key}": t.build_s + recipe.train.max_steps * step_seconds(t),
                      f"export {run.key}": 2 * t.build_s, f"evaluate {run.key}": eval_seconds(t)}
         rows += [{"stage": label, "finished": stages[label]["output"].exists() or label in skipped, "estimate_s": seconds}
                  for label, seconds in estimates.items()]
     base_timing = timings[next(iter(study.variants))]
     for label in (f"evaluate {BASE_NAME}",) * study.include_base + (f"probe {BASE_NAME}",) * study.probe_base:
         rows.append({"stage": label, "finished": stages[label]["output"].exists(), "estimate_s": eval_seconds(base_timing, exported=False)})
-    total = sum(r["estimate_s"] for r in rows if not r["finished"])
+    for label in ["compare", *(f"compare {name}" for name in study.contrasts)]:  # always rerun: cheap next to the rest
+        rows.append({"stage": label, "finished": False, "estimate_s": None})
+    total = sum(r["estimate_s"] for r in rows if not r["finished"] and r["estimate_s"] is not None)
 
     family = holm_family(study)
     baseline = study.baseline or (BASE_NAME if study.include_base else next(iter(study.variants)))
@@ -184,7 +209,9 @@ def plan(study: StudyConfig, root: Path, out: Path | None = None, alpha: float =
     log(f"Study {study.name}: {len(rows)} stages, {sum(r['finished'] for r in rows)} finished; "
         f"estimated {_minutes(total)} for the rest on this machine")
     for r in rows:
-        log(f"  {r['stage']:<40} {'finished' if r['finished'] else _minutes(r['estimate_s'])}")
+        when = ("finished" if r["finished"] else "not estimated (paired bootstrap over every item)"
+                if r["estimate_s"] is None else _minutes(r["estimate_s"]))
+        log(f"  {r['stage']:<40} {when}")
     log(f"Power: Wilcoxon over the datasets of a category, Holm family '{family}' "
         f"({power[0]['family_size'] if power else 0} test(s) per family), alpha {alpha}:")
     for row in power:

@@ -150,3 +150,25 @@ def test_plan_estimates_trained_evaluations_at_the_exported_rate_and_the_base_at
     assert tokens > 0
     assert estimate["evaluate a"] == pytest.approx(1.0 + tokens / 50.0)  # the fake's exported rate
     assert estimate["evaluate base"] == pytest.approx(1.0 + tokens / 100.0)  # untrained: the recipe's rate
+
+
+@pytest.mark.parametrize("device, step_factor, eval_ranks", [("cpu", 2, 1), ("cuda", 1, 2)])
+def test_plan_scales_by_ranks_as_the_device_runs_them_and_lists_the_comparisons(
+        tmp_path, task_root, monkeypatch, device, step_factor, eval_ranks):
+    """nproc 2: GPU ranks each step their own micro-batch and split the evaluation; CPU ranks share
+    the cores (a step takes twice as long, the evaluation as long). compare stages are listed."""
+    from dsembed.study import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "time_recipe", lambda recipe, texts, repeats=2, merged=False: plan_module.Timing(
+        build_s=1.0, step_s=1.0, tokens_per_s=100.0, exported_tokens_per_s=100.0, device=device))
+    path = write(tmp_path, f"name: x\noutput_dir: {tmp_path / 'out'}\nvariants: {{a: r.yaml, b: r.yaml}}\n"
+                           f"tasks_dir: {task_root}\nlauncher: torchrun\nnproc: 2\ncontrasts: {{b-vs-a: [b, a]}}\n")
+    (tmp_path / "r.yaml").write_text(RANDOM_TINY)
+    study, root = load_study(path)
+    result = plan_module.plan(study, root, log=lambda line: None)
+    estimate = {row["stage"]: row["estimate_s"] for row in result["stages"]}
+    tokens = sum(task["tokens"] for task in result["tasks"].values())
+    assert estimate["train a"] == pytest.approx(1.0 + 10 * step_factor)  # max_steps 10 of RANDOM_TINY
+    assert estimate["evaluate b"] == pytest.approx(1.0 + tokens / 100.0 / eval_ranks)
+    assert estimate["compare"] is None and estimate["compare b-vs-a"] is None
+    assert result["total_s"] == pytest.approx(sum(v for v in estimate.values() if v is not None))
