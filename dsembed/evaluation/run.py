@@ -292,26 +292,34 @@ def evaluate_task(encoder: MtebEncoder, task: AbsTask, instructions: dict[str, s
     items: dict[str, dict] = {}
     _install_capture(task, category, items)
     try:
-        with warnings.catch_warnings():
-            # sklearn warns about ill-defined precision on tiny or limited test sets; the study
-            # reads accuracy only.
-            warnings.filterwarnings("ignore", module=r"sklearn\.")
-            # cache=None: mteb's default cache would return stale scores for a reused model name;
-            # dsembed keeps its own per-task results (evaluation.resume) and writes mteb's layout.
-            outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
-                                    encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
-                                    show_progress_bar=False, raise_error=True)
+        try:
+            with warnings.catch_warnings():
+                # sklearn warns about ill-defined precision on tiny or limited test sets; the study
+                # reads accuracy only.
+                warnings.filterwarnings("ignore", module=r"sklearn\.")
+                # cache=None: mteb's default cache would return stale scores for a reused model name;
+                # dsembed keeps its own per-task results (evaluation.resume) and writes mteb's layout.
+                outcome = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always",
+                                        encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
+                                        show_progress_bar=False, raise_error=True)
+        finally:
+            _remove_capture(task)  # a task evaluated again (the layer probe) is hooked afresh, not twice
+        return _scored_entry(task, outcome.task_results[0], items, instructions)
     except UserError:
         raise
     except Exception as err:
-        # One line instead of mteb's traceback; tasks scored before this one are already stored
-        # (on_task), so the rerun resumes after fixing the cause.
+        # One line instead of a traceback, whether mteb or the scoring after it (item scores, chance
+        # level) failed; tasks scored before this one are already stored (on_task), so the rerun
+        # resumes after fixing the cause.
         cause = (str(err).strip().splitlines() or [""])[0][:300]
         raise UserError(f"task {name} ({category}) failed while evaluated: {type(err).__name__}: {cause}; "
                         "tasks scored before it are stored and the same command resumes after them") from err
-    finally:
-        _remove_capture(task)  # a task evaluated again (the layer probe) is hooked afresh, not twice
-    task_result = outcome.task_results[0]
+
+
+def _scored_entry(task: AbsTask, task_result: Any, items: dict[str, dict],
+                  instructions: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A task's results entry from mteb's TaskResult and the captured items, plus the TaskResult as a dict."""
+    name, category = task.metadata.name, category_of(task)
     main, scores = _main_score(task_result, task)
     for record in items.values():
         record.pop("predictions", None)

@@ -285,6 +285,27 @@ def test_a_task_that_fails_is_one_line_naming_it_after_earlier_tasks_were_stored
     assert "\n" not in message and "second line" not in message
 
 
+def test_a_failure_in_the_scoring_after_mteb_is_one_line_too(task_root, monkeypatch):
+    """Item scores and chance levels run after mteb.evaluate: their failure names the task as well."""
+    tasks = load_local_tasks(task_root)
+    run.prepare_tasks(tasks)
+    chance = run.cached_chance_level
+
+    def fails_on_retrieval(task):
+        if task.metadata.name == "TinyRetrieval":
+            raise ValueError("simulated chance failure\nsecond line")
+        return chance(task)
+
+    monkeypatch.setattr(run, "cached_chance_level", fails_on_retrieval)
+    stored = []
+    with pytest.raises(UserError) as caught:
+        run.evaluate_tasks(HashEncoder(64), tasks, log=lambda _: None,
+                           on_task=lambda task, entry, result: stored.append(task.metadata.name))
+    assert stored == ["TinySTS"]
+    assert "task TinyRetrieval (retrieval) failed" in str(caught.value) and "ValueError: simulated chance failure" in str(caught.value)
+    assert "second line" not in str(caught.value)
+
+
 def test_texts_shared_between_tasks_are_embedded_once(task_root, tmp_path):
     """A corpus used by two retrieval tasks is embedded once per run; the scores do not change."""
     import shutil
