@@ -110,3 +110,27 @@ def test_two_ranks_killed_in_a_save_resume_to_identical_weights(tmp_path: Path) 
     assert final.returncode == 0, final.stderr[-3000:]
     assert ("resumed from" in final.stderr) == (latest is not None), final.stderr[-2000:]
     _compare(reference, out, 2)
+
+
+def test_by_source_batches_resume_to_identical_weights_after_a_kill_in_a_save(tmp_path: Path) -> None:
+    """`data.batching: by_source` over two ranks (two sources): after a kill inside a save the resumed
+    run draws the uninterrupted run's batches (same losses, same weights); that each global batch
+    comes from one source is tests/unit/test_source_batches.py's."""
+    from dsembed.data.rows import synthetic_rows
+
+    data = tmp_path / "two_sources.jsonl"
+    rows = [{**row, "source": "first" if i % 3 else "second"} for i, row in enumerate(synthetic_rows(256))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    by_source = [f"data.train=[{data}]", "data.batching=by_source", *COMMON]
+    rng = random.Random(SEED + 2)
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    run = cli([f"train.output_dir={reference}", *by_source], nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    point = rng.choice(sorted(SAVE_POINTS))
+    crashed = cli([f"train.output_dir={out}", *by_source], nproc=2, DSEMBED_CRASH_AT=f"{point}@{2 * SAVE}:0")
+    assert crashed.returncode != 0, f"the crash hook {point} did not fire:\n{crashed.stderr[-2000:]}"
+    final = cli([f"train.output_dir={out}", *by_source], nproc=2)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed from" in final.stderr, final.stderr[-2000:]
+    _compare(reference, out, 2)
