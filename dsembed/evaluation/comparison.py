@@ -226,7 +226,8 @@ def compare(variants: dict[str, dict[str, Any]], baseline: str, *, use_holm: boo
                 record["bootstrap"][v] = {"error": "no per-item scores in the results"}
         datasets[name] = record
     layer_weights = {v: r["layer_weights"] for v, r in variants.items() if r.get("layer_weights")}
-    n_datasets = {c: len(r["tasks"]) for c, r in categories.items()}
+    lead = categories_informative if headline == "informative" else categories  # the power of the tests it leads with
+    n_datasets = {c: len(r["tasks"]) for c, r in lead.items()}
     return {"baseline": baseline, "variants": list(variants), "references": list(references),
             "seeds": {v: r["seeds"] for v, r in variants.items() if r.get("seeds")},
             "alpha": alpha, "holm": family != "none", "holm_family": family, "headline": headline,

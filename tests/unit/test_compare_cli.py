@@ -196,6 +196,8 @@ def test_compare_headline_informative_leads_with_the_datasets_that_carry_informa
     report = (out / "report.md").read_text()
     first_table = report.split("### The same with all datasets")[0]
     assert "classification (2)" in first_table and "classification (4)" not in first_table
+    power = {row["category"]: row["n"] for row in comparison["power"]}
+    assert power["classification"] == 2  # the power of the tests the report leads with
     assert "The means and tests leave out the 2 dataset(s) flagged" in report
     answer = next(line for line in report.splitlines() if line.startswith("- b vs a, classification:"))
     assert "(mean over 2 datasets)" in answer and "; with all datasets (4): " in answer
