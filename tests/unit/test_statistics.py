@@ -97,6 +97,23 @@ def test_bootstrap_clustering_resamples_items_within_sets():
         st.paired_bootstrap("clustering", perfect, short)
 
 
+def test_bootstrap_v_measure_equals_sklearns_on_random_and_degenerate_draws():
+    from sklearn.metrics import v_measure_score
+
+    rng = np.random.default_rng(7)
+    cases = [(rng.choice(["x", "y", "z", "w"], 120), rng.integers(0, 5, 120)),  # string labels, 5 clusters
+             (rng.integers(0, 9, 300), rng.integers(0, 9, 300)),
+             (np.array(["a"] * 40), rng.integers(0, 3, 40)),  # one gold label: homogeneity 1
+             (rng.choice(["a", "b"], 40), np.zeros(40, dtype=int)),  # one cluster: completeness 1
+             (np.array(["a"] * 10), np.array([3] * 10))]  # both single: V 1
+    for labels, clusters in cases:
+        cluster_set = {"labels": labels.tolist(), "clusters": clusters.tolist()}
+        for _ in range(30):
+            idx = rng.integers(0, len(labels), len(labels))  # a bootstrap draw, with repeats
+            assert st._v_measure(cluster_set, idx) == pytest.approx(v_measure_score(labels[idx], clusters[idx]), abs=1e-12)
+    assert st._v_measure({"labels": ["a"], "clusters": [0]}, np.array([], dtype=int)) == 1.0  # sklearn's value
+
+
 def test_score_interval_of_one_result_is_the_binomial_interval_and_is_seeded():
     rng = np.random.default_rng(3)
     correct = (rng.random(400) < 0.3).astype(float).tolist()
@@ -109,4 +126,4 @@ def test_score_interval_of_one_result_is_the_binomial_interval_and_is_seeded():
     perfect = {"default": {"gold": ["x"] * 10, "correct": [1.0] * 10}}
     assert st.score_interval("classification", perfect, n_resamples=50) == (1.0, 1.0, 1.0)
     sets = {"default": {"sets": [{"labels": list("aabb" * 10), "clusters": [0, 0, 1, 1] * 10}]}}
-    assert st.score_interval("clustering", sets, n_resamples=50) == (1.0, 1.0, 1.0)
+    assert st.score_interval("clustering", sets, n_resamples=50) == pytest.approx((1.0, 1.0, 1.0), abs=1e-12)
