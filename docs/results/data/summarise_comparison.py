@@ -1,11 +1,15 @@
 """Counts the hand-written study reports quote, read from a study's report/comparison.json.
 
     python docs/results/data/summarise_comparison.py ~/dsembed-studies/ablations-smollm2/report/comparison.json
+    python docs/results/data/summarise_comparison.py --table STUDY/report/comparison.json [STUDY/report/contrasts/*/comparison.json]
 
 Prints, for each tested variant against the baseline: on how many datasets it is below / above, how
 many paired bootstrap intervals exclude 0 below / above; per category, whether the difference to the
 baseline exceeds the seed-to-seed difference of both (the noise floor); and which trained row is
-best on how many datasets. Only reads what the comparison already computed (no new statistics).
+best on how many datasets. With --table: one markdown table row per row of each comparison, each
+category's mean x100 with, for a tested row, its difference to the baseline and the Wilcoxon p
+uncorrected / Holm (as the comparison corrected it). Only reads what the comparison already
+computed (no new statistics).
 """
 from __future__ import annotations
 
@@ -63,7 +67,32 @@ def main(path: Path) -> None:
     print("\nbest trained row per dataset: " + ", ".join(f"{v} {n}" for v, n in best.most_common()))
 
 
+def table(paths: list[Path]) -> None:
+    """Markdown rows: category means x100, and for tested rows the difference and p / Holm p."""
+    for path in paths:
+        comparison = json.loads(path.read_text(encoding="utf-8"))
+        baseline, categories = comparison["baseline"], comparison["categories"]
+        print(f"\n{path} (baseline {baseline})\n")
+        print("| row | " + " | ".join(f"{c} ({len(info['tasks'])})" for c, info in categories.items()) + " |")
+        print("|---|" + "---:|" * len(categories))
+        for variant in comparison["variants"]:
+            cells = []
+            for info in categories.values():
+                cell = f"{100 * info['means'][variant]:.2f}"
+                test = info["tests"].get(variant)
+                if variant != baseline and test is not None:
+                    holm = test.get("p_holm")
+                    cell += (f" ({100 * test['mean_difference']:+.2f}; p {test['pvalue']:.3g}"
+                             + (f" / {holm:.3g}" if holm is not None else "") + ")")
+                cells.append(cell)
+            print(f"| {variant} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python docs/results/data/summarise_comparison.py STUDY/report/comparison.json")
-    main(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    if args[:1] == ["--table"] and len(args) > 1:
+        table([Path(a) for a in args[1:]])
+    elif len(args) == 1:
+        main(Path(args[0]))
+    else:
+        sys.exit("usage: python docs/results/data/summarise_comparison.py [--table] STUDY/report/comparison.json ...")
