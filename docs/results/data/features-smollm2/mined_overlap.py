@@ -1,0 +1,59 @@
+"""Where the mined hard negatives come from, per source: the data's own negative, another row's
+positive (a likely false negative in paraphrase data), or another row's negative.
+
+    python docs/results/data/features-smollm2/mined_overlap.py runs/mined/paper-model1-s0.jsonl \
+        ../shared/data/train/nli_triplets.jsonl ../shared/data/train/paraphrase_pairs.jsonl \
+        ../shared/data/train/trecqa_triplets.jsonl
+
+Reads the mined file and the data it was mined from (rows matched by query and positive); counts
+only, no model. A candidate can be both a positive and a negative of other rows (SNLI reuses texts).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter, defaultdict
+
+
+def rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(mined_path: str, data_paths: list[str]) -> None:
+    data = [r for p in data_paths for r in rows(p)]
+    by_pair = {(r["query"], r["positive"]): r for r in data}
+    positives, negatives = defaultdict(set), defaultdict(set)
+    for r in data:
+        positives[r["source"]].add(r["positive"])
+        for n in ([r["negative"]] if isinstance(r.get("negative"), str) else r.get("negatives") or []):
+            negatives[r["source"]].add(n)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for m in rows(mined_path):
+        own = by_pair.get((m["query"], m["positive"]))
+        c = counts[m.get("source", "?")]
+        c["rows"] += 1
+        if own is None:
+            c["unmatched"] += 1
+            continue
+        own_negatives = [own["negative"]] if isinstance(own.get("negative"), str) else own.get("negatives") or []
+        for n in m["negatives"]:
+            c["mined"] += 1
+            c["the data's own negative"] += n in own_negatives
+            c["another row's positive"] += n in positives[m.get("source", "?")]
+            c["another row's negative"] += n in negatives[m.get("source", "?")]
+    columns = ["rows", "mined", "the data's own negative", "another row's positive", "another row's negative", "unmatched"]
+    print("| source | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for source in sorted(counts):
+        print(f"| {source} | " + " | ".join(str(counts[source][k]) for k in columns) + " |")
+    total = Counter()
+    for c in counts.values():
+        total.update(c)
+    print("| all | " + " | ".join(str(total[k]) for k in columns) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: python mined_overlap.py MINED.jsonl DATA.jsonl [DATA.jsonl ...]")
+    main(sys.argv[1], sys.argv[2:])
