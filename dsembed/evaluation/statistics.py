@@ -7,7 +7,7 @@ model's score, giving a percentile 95% interval for the difference (variant - ba
 - sts: pairs; Spearman (scipy) of cosine against gold on the resampled pairs;
 - retrieval: queries; mean per-query NDCG@10 (mteb's pytrec_eval numbers, paired by query id);
 - classification: test items; mean per-item correctness (averaged over mteb's 10 classifiers);
-- clustering: items, resampled within each cluster set; V-measure (sklearn) of the fixed k-means
+- clustering: items, resampled within each cluster set; V-measure (sklearn's) of the fixed k-means
   assignment on the resampled items, averaged over sets. The clustering itself is not refit, so
   the interval covers sampling of items, not k-means' own randomness.
 Subsets (languages) are resampled separately and averaged, like mteb's main score. The same
@@ -128,7 +128,8 @@ def _v_measure(cluster_set: dict, idx: np.ndarray) -> float:
     of a study's comparison time (24,000 calls for one pair of results). The contingency of a draw
     is one bincount; mutual information (sklearn, from the contingency) and the marginal entropies
     (scipy.special.entr: the scipy.stats wrapper's own checks cost as much again) then give
-    homogeneity, completeness and V exactly as sklearn combines them (tests/unit/test_statistics.py checks equality on random and degenerate draws)."""
+    homogeneity, completeness and V exactly as sklearn combines them (tests/unit/test_statistics.py
+    checks equality with v_measure_score on random and degenerate draws)."""
     coded = _coded(cluster_set)
     labels, clusters, k = coded["label_codes"][idx], coded["cluster_codes"][idx], coded["n_clusters"]
     if labels.size == 0:
