@@ -14,38 +14,39 @@ import json
 import sys
 from collections import Counter, defaultdict
 
+from dsembed.data.rows import Example, parse_row
 
-def rows(path: str) -> list[dict]:
+
+def examples(path: str) -> list[Example]:
+    """The file's rows as dsembed reads them (`negative` or `negatives`, `source`)."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [parse_row(json.loads(line)) for line in f if line.strip()]
 
 
 def main(mined_path: str, data_paths: list[str]) -> None:
-    data = [r for p in data_paths for r in rows(p)]
-    by_pair = {(r["query"], r["positive"]): r for r in data}
+    data = [e for p in data_paths for e in examples(p)]
+    by_pair = {(e.query, e.positive): e for e in data}
     positives, negatives = defaultdict(set), defaultdict(set)
-    for r in data:
-        positives[r["source"]].add(r["positive"])
-        for n in ([r["negative"]] if isinstance(r.get("negative"), str) else r.get("negatives") or []):
-            negatives[r["source"]].add(n)
-    counts: dict[str, Counter] = defaultdict(Counter)
-    for m in rows(mined_path):
-        own = by_pair.get((m["query"], m["positive"]))
-        c = counts[m.get("source", "?")]
+    for e in data:
+        positives[e.source].add(e.positive)
+        negatives[e.source].update(e.negatives)
+    counts: dict[str | None, Counter] = defaultdict(Counter)
+    for m in examples(mined_path):
+        own = by_pair.get((m.query, m.positive))
+        c = counts[m.source]
         c["rows"] += 1
         if own is None:
             c["unmatched"] += 1
             continue
-        own_negatives = [own["negative"]] if isinstance(own.get("negative"), str) else own.get("negatives") or []
-        for n in m["negatives"]:
+        for n in m.negatives:
             c["mined"] += 1
-            c["the data's own negative"] += n in own_negatives
-            c["another row's positive"] += n in positives[m.get("source", "?")]
-            c["another row's negative"] += n in negatives[m.get("source", "?")]
+            c["the data's own negative"] += n in own.negatives
+            c["another row's positive"] += n in positives[m.source]
+            c["another row's negative"] += n in negatives[m.source]
     columns = ["rows", "mined", "the data's own negative", "another row's positive", "another row's negative", "unmatched"]
     print("| source | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
-    for source in sorted(counts):
+    for source in sorted(counts, key=str):
         print(f"| {source} | " + " | ".join(str(counts[source][k]) for k in columns) + " |")
     total = Counter()
     for c in counts.values():
