@@ -61,9 +61,13 @@ for m in model1-mrl model1; do
   if [ ! -f "$OUT/features-smollm2/dims/$m-d64.json" ] || [ ! -f "$OUT/features-smollm2/dims/$m-d128.json" ] ||
      [ ! -f "$OUT/features-smollm2/dims/$m-d256.json" ]; then
     [ -f "$OUT/features-smollm2/models/$m-s0/dsembed.json" ] || study features-smollm2 --reuse "$OUT/paper-smollm2" --model $m-s0
-    step "evaluate $m at 64, 128 and 256 dimensions (one encoding)"
+    # 576 (the full size, re-normalised) rides on the same encoding: set beside the study's full-size
+    # evaluation it shows whether the model scored here is the one the study scored (a retrained run
+    # on a new machine must reproduce it for the curve to join that evaluation)
+    step "evaluate $m at 64, 128, 256 and 576 dimensions (one encoding)"
     /usr/bin/time -f "wall %e s" dsembed-evaluate "$OUT/features-smollm2/models/$m-s0" --tasks-dir $DATA/tasks $LIMITS \
-      --batch-size 32 --truncate-dim 64 128 256 --name $m --output "$OUT/features-smollm2/dims/$m-d{dim}.json" || fail "dims failed"
+      --batch-size 32 --truncate-dim 64 128 256 576 --name $m --output "$OUT/features-smollm2/dims/$m-d{dim}.json" || fail "dims failed"
+    mkdir -p "$OUT/features-smollm2/dims-check" && mv "$OUT/features-smollm2/dims/$m-d576".* "$OUT/features-smollm2/dims-check/"
   fi
 done
 step "score against embedding size: model1-mrl against model1"
