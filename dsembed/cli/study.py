@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="another study's output folder: copy its finished stages that were made from the same "
                              "recipe, inputs and settings instead of running them; repeatable")
     parser.add_argument("--save-finished", metavar="DEST",
-                        help="copy the finished evaluations of --output-dir (results, stages.json entries, stage "
-                             "times) to DEST, a folder --reuse takes on another machine; runs nothing")
+                        help="copy the finished evaluations and layer probe of --output-dir (results, probe/, stages.json "
+                             "entries, stage times), merged into what DEST holds, to DEST, a folder --reuse takes on "
+                             "another machine; runs nothing")
     parser.add_argument("--model", action="append", default=[], metavar="RUN",
                         help="train and export RUN (e.g. model1-s0) even where its evaluation is already finished; "
                              "by default such runs are not retrained (their model is not needed); repeatable")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         from dsembed.study.stages import save_finished
 
         saved = save_finished(StudyRunner(study, root, args.output_dir).out, Path(args.save_finished))
-        print(f"[study {study.name}] {args.save_finished}: {len(saved)} finished evaluation(s): {', '.join(saved)}")
+        print(f"[study {study.name}] {args.save_finished}: {len(saved)} finished evaluation(s) and probe(s): {', '.join(saved)}")
         return 0
     if args.plan:
         from dsembed.study.plan import plan

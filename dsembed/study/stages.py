@@ -286,9 +286,18 @@ def times_table(out: Path) -> str:
 
 
 def save_finished(out: Path, dest: Path) -> list[str]:
-    """Copy a study's finished evaluations (results JSON + their stages.json entries) and its
-    stage-times.json to `dest`, a folder `--reuse` takes: a new machine then retrains (minutes)
-    but does not re-evaluate what was scored from the same recipe and settings.
+    """Copy a study's finished evaluations (results JSON + their stages.json entries), its layer
+    probe (probe/) and its stage times to `dest`, a folder `--reuse` takes: a new machine then retrains (minutes) but does
+    not re-evaluate what was scored from the same recipe and settings.
+
+    What `dest` held is merged, not replaced: a new machine's output folder holds the stages it
+    reused from `dest` with only their evaluations and stage times, so the training and export
+    times recorded by the machine that ran them (and saved entries this machine has not reached)
+    stay. A reused stage's time stays as its first machine recorded it; a stage run again here
+    replaces it.
+
+    Returns:
+        The evaluation and probe labels finished in `out`.
 
     Raises:
         UserError: `out` is not a study output folder.
@@ -297,14 +306,35 @@ def save_finished(out: Path, dest: Path) -> list[str]:
 
     if not (out / LEDGER).is_file():
         raise UserError(f"--save-finished: {out} has no {LEDGER} (give the --output-dir of a study that ran)")
-    # "evaluate <name>" -> results/<name>.json; an entry is recorded before its stage runs, so
-    # only those whose results exist are finished
     ledger = StageLedger(out).entries
-    files = {label: f"{label.removeprefix('evaluate ')}.json" for label in ledger if label.startswith("evaluate ")}
-    kept = {label: ledger[label] for label in files if (out / "results" / files[label]).is_file()}
+    kept = {label: entry for label, entry in ledger.items() if _finished_output(out, label)}
     for label in kept:
-        _copy_atomic(out / "results" / files[label], dest / "results" / files[label])
-    if (out / TIMES).is_file():
-        _copy_atomic(out / TIMES, dest / TIMES)
-    write_text_atomic(dest / LEDGER, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+        output = _finished_output(out, label)
+        # an evaluation's results JSON (not its per-task store); the probe's files (layers.json, plot)
+        for file in sorted(output.parent.iterdir()) if label.startswith("probe ") else [output]:
+            if file.is_file() and not file.name.startswith("."):
+                _copy_atomic(file, dest / file.relative_to(out))
+    saved = {label: entry for label, entry in StageLedger(dest).entries.items() if _finished_output(dest, label)}
+    write_text_atomic(dest / LEDGER, json.dumps({**saved, **kept}, indent=1, sort_keys=True) + "\n")
+    times = _read_times(dest)
+    for label, entry in _read_times(out).items():
+        if not (entry.get("reused_from") and label in times):
+            times[label] = entry
+    if times:
+        write_text_atomic(dest / TIMES, json.dumps(times, indent=1, sort_keys=True) + "\n")
     return sorted(kept)
+
+
+def _finished_output(root: Path, label: str) -> Path | None:
+    """The output of a stage --save-finished keeps, when that stage is finished (an entry is recorded
+    before its stage runs, so the output's presence is what says so): results/<name>.json for
+    "evaluate <name>", probe/layers.json for "probe <name>" (the runner's probe folder). None for a
+    stage not finished and for those not kept (train, export, compare: a new machine retrains in
+    minutes and compares from the evaluations)."""
+    if label.startswith("evaluate "):
+        output = root / "results" / f"{label.removeprefix('evaluate ')}.json"
+    elif label.startswith("probe "):
+        output = root / "probe" / "layers.json"
+    else:
+        return None
+    return output if output.is_file() else None

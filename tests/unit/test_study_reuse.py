@@ -68,3 +68,47 @@ def test_saved_evaluations_are_what_reuse_takes(tmp_path: Path) -> None:
     assert reuse_finished(_stages(out, {"a": FINGERPRINT, "e": FINGERPRINT}), out, StageLedger(out), [dest], print) == ["evaluate a"]
     with pytest.raises(UserError, match="--save-finished"):
         save_finished(tmp_path / "nothing", dest)
+
+
+def test_saving_from_a_new_machine_keeps_what_the_first_one_recorded(tmp_path: Path) -> None:
+    """A new machine's output holds only the stages it reused or ran: saving it must not drop the
+    training times and evaluations the first machine saved."""
+    first = _study_output(tmp_path / "first", {"a": FINGERPRINT, "b": FINGERPRINT})
+    record_time(first, "train a", 300.0, threads="2")
+    dest = tmp_path / "saved"
+    save_finished(first, dest)
+    # the new machine reuses a, has not reached b, and runs its comparison again
+    out = tmp_path / "new"
+    assert reuse_finished(_stages(out, {"a": FINGERPRINT}), out, StageLedger(out), [dest], print) == ["evaluate a"]
+    record_time(out, "compare", 80.0, threads="2")
+    assert save_finished(out, dest) == ["evaluate a"]
+    times = json.loads((dest / TIMES).read_text())
+    assert times["train a"]["seconds"] == 300.0  # the first machine's training time stays
+    assert "reused_from" not in times["evaluate a"] and times["evaluate a"]["seconds"] == 12.5
+    assert times["compare"]["seconds"] == 80.0
+    assert sorted(json.loads((dest / LEDGER).read_text())) == ["evaluate a", "evaluate b"]
+    # a stage run again here replaces the saved time
+    record_time(out, "evaluate a", 20.0, threads="2")
+    save_finished(out, dest)
+    assert json.loads((dest / TIMES).read_text())["evaluate a"]["seconds"] == 20.0
+
+
+def test_the_layer_probe_is_saved_and_reused(tmp_path: Path) -> None:
+    source = _study_output(tmp_path / "source", {"base": FINGERPRINT})
+    probe_fingerprint = {"base": FINGERPRINT["train"], "evaluation": {"limit": 256}}
+    StageLedger(source).record("probe base", probe_fingerprint)
+    dest = tmp_path / "saved"
+    assert save_finished(source, dest) == ["evaluate base"]  # recorded, not finished: no layers.json yet
+    (source / "probe").mkdir()
+    (source / "probe" / "layers.json").write_text('{"layers": {}}')
+    (source / "probe" / "layers.png").write_bytes(b"png")
+    assert save_finished(source, dest) == ["evaluate base", "probe base"]
+    (source / "probe" / "layers.json").write_text('{"layers": {"1": {}}}')  # probed again: the saved copy follows
+    save_finished(source, dest)
+    assert sorted(p.name for p in (dest / "probe").iterdir()) == ["layers.json", "layers.png"]
+    assert (dest / "probe" / "layers.json").read_text() == '{"layers": {"1": {}}}'
+    out = tmp_path / "out"
+    stages = {"probe base": {"output": out / "probe" / "layers.json", "fingerprint": probe_fingerprint,
+                             "remove": [out / "probe"]}}
+    assert reuse_finished(stages, out, StageLedger(out), [dest], print) == ["probe base"]
+    assert (out / "probe" / "layers.png").read_bytes() == b"png"
