@@ -5,7 +5,7 @@ sizes (`settings.truncate_dim`, model name `<name>-d<size>`); its evaluation wit
 full size. `size_curves` groups such results files by model and size (seeds of one model merged as
 dsembed-compare does), `compare_sizes` tests every model against a baseline model at the same size
 (Wilcoxon over the datasets of a category, Holm over each model's size x category tests) and gives
-each model's retention (score at a size / its full-size score), and `write_dims_report` writes
+each model's retention (score at a size / its full-size score, or its largest size's), and `write_dims_report` writes
 dims.md, dims.json and dims.png.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _by_category(entry: dict[str, Any], datasets: list[str]) -> dict[str, dict[s
 def compare_sizes(curves: dict[str, dict[str, dict[str, Any]]], baseline: str, alpha: float = 0.05) -> dict[str, Any]:
     """Category means per model and size over the datasets every entry has, each other model's
     Wilcoxon test against the baseline at the same size (Holm over that model's tests), and each
-    model's retention of its full-size score.
+    model's retention of its full-size score (or, without one, of its largest size's).
 
     Raises:
         UserError: the baseline is not among the models, or the entries share no dataset.
@@ -89,8 +89,11 @@ def compare_sizes(curves: dict[str, dict[str, dict[str, Any]]], baseline: str, a
     grouped = {m: {s: _by_category(e, datasets) for s, e in sizes.items()} for m, sizes in curves.items()}
     means = {m: {s: {c: float(np.mean(list(by_cat.get(c, {}).values()))) for c in cats}
                  for s, by_cat in sizes.items()} for m, sizes in grouped.items()}
-    retention = {m: {s: {c: means[m][s][c] / means[m][FULL][c] if means[m][FULL][c] else None for c in cats}
-                     for s in sizes} for m, sizes in curves.items() if FULL in sizes}
+    # retention of the full size, or of the largest size scored: `--truncate-dim 64 ... 576` on a 576-dim
+    # model scores the full embedding (re-normalised) from the same encoding as the other sizes
+    reference = {m: max(sizes, key=_size_order) for m, sizes in curves.items() if len(sizes) > 1}
+    retention = {m: {s: {c: means[m][s][c] / means[m][top][c] if means[m][top][c] else None for c in cats}
+                     for s in curves[m]} for m, top in reference.items()}
     tests: dict[str, dict[str, dict[str, Any]]] = {}
     for model, sizes in curves.items():
         if model == baseline:
@@ -105,7 +108,7 @@ def compare_sizes(curves: dict[str, dict[str, dict[str, Any]]], baseline: str, a
             tests.setdefault(model, {}).setdefault(size, {})[c] = {**test, "p_holm": p, "significant": bool(p < alpha)}
     return {"baseline": baseline, "alpha": alpha, "categories": cats, "datasets": datasets,
             "sizes": {m: list(s) for m, s in curves.items()}, "seeds": {m: next(iter(s.values()))["seeds"] for m, s in curves.items()},
-            "means": means, "retention": retention, "tests": tests,
+            "means": means, "retention": retention, "retention_of": reference, "tests": tests,
             "holm": "per model: its size x category tests against the baseline"}
 
 
@@ -123,7 +126,9 @@ def markdown(result: dict[str, Any]) -> str:
         for size, row in sizes.items():
             lines.append(f"| {model} | {size} | " + " | ".join(f"{100 * row[c]:.2f}" for c in cats) + " |")
     if result["retention"]:
-        lines += ["", "Retention: the category mean at a size / the same model's full-size mean.", "", *_table_head(cats)]
+        of = ", ".join(f"{m} {s}" for m, s in result["retention_of"].items())
+        lines += ["", f"Retention: the category mean at a size / the same model's mean at its largest size scored ({of}).",
+                  "", *_table_head(cats)]
         for model, sizes in result["retention"].items():
             for size, row in sizes.items():
                 lines.append(f"| {model} | {size} | " + " | ".join("-" if row[c] is None else f"{row[c]:.3f}" for c in cats) + " |")

@@ -74,3 +74,17 @@ def test_cli_writes_the_report_and_refuses_bad_input_in_one_line(files, tmp_path
     code = run_cli(main, [str(files[0]), "--baseline", "nothing", "--output", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--baseline nothing" in err and not (tmp_path / "o2").exists()
+
+
+def test_without_a_full_size_evaluation_retention_is_of_the_largest_size(tmp_path):
+    """`--truncate-dim 64 576` on a 576-dimension model: 576 is the full embedding, scored from the
+    same encoding, and the curve needs no separate full-size evaluation."""
+    files = [_results(tmp_path / f"{name}-{size}.json", name, size, lambda i, d=drop: 0.6 + 0.01 * i - d)
+             for name, size, drop in (("plain", 64, 0.2), ("plain", 576, 0.0), ("mrl", 64, 0.05), ("mrl", 576, 0.1))]
+    result = compare_sizes(size_curves(files), "plain")
+    assert result["retention_of"] == {"plain": "576", "mrl": "576"}
+    assert result["retention"]["mrl"]["64"]["sts"] == pytest.approx(0.58 / 0.53)
+    assert result["retention"]["plain"]["576"]["sts"] == pytest.approx(1.0)
+    assert result["tests"]["mrl"]["576"]["sts"]["mean_difference"] == pytest.approx(-0.1)
+    assert main([*map(str, files), "--baseline", "plain", "--output", str(tmp_path / "out")]) == 0
+    assert "largest size scored (plain 576, mrl 576)" in (tmp_path / "out" / "dims.md").read_text()
