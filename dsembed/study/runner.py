@@ -142,6 +142,8 @@ class StudyRunner:
                 # the run directory records what model.dtype: auto resolved to, and a resume keeps it
                 auto = ["model.dtype=auto"] if recipe.model.dtype == "auto" else []
                 begun = recipe_fingerprint(load_recipe(run_dir / "recipe.yaml", auto))
+                if auto:  # ... on the machine that began it (bf16 there, float32 here: not one run)
+                    begun["recipe"]["model.dtype_resolved"] = load_recipe(run_dir / "recipe.yaml").model.dtype
                 partial = {**begun, "model": trained["model"]}  # what a resume would mix with
             stages[f"train {name}"] = {"output": run_dir / "TRAINED", "fingerprint": trained, "partial": partial,
                                        "remove": [run_dir]}

@@ -47,8 +47,19 @@ def _without(flat: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
 
 
 def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's model-relevant keys (dotted -> value) and its input model's identity."""
-    return {"recipe": _without(_flat(recipe.to_dict()), _IGNORED), "model": model_identity(recipe)}
+    """The recipe's model-relevant keys (dotted -> value) and its input model's identity.
+
+    With `model.dtype: auto` it also records what auto means here (`model.dtype_resolved`): a CPU
+    without bf16 trains and evaluates in float32, another in bf16, and those are different models;
+    a study reusing stages across such machines would otherwise mix them. Resolved where the study
+    runs (cuda when this machine has it), as the stages it launches resolve it on this machine;
+    ledgers from before this key do not know it and are not compared on it (see `changes`)."""
+    from dsembed.modeling.precision import AUTO, resolve_dtype
+
+    flat = _without(_flat(recipe.to_dict()), _IGNORED)
+    if recipe.model.dtype == AUTO:
+        flat["model.dtype_resolved"] = resolve_dtype(AUTO).dtype
+    return {"recipe": flat, "model": model_identity(recipe)}
 
 
 # what only training reads: the untrained base is evaluated the same whatever these say, so a new

@@ -208,10 +208,12 @@ def test_a_resumed_run_keeps_the_dtype_it_trained_in(monkeypatch, tiny_recipe, t
     assert fresh.model.dtype == "float32" and "dtype: auto -> float32" in capsys.readouterr().err
 
 
-def test_a_study_sees_a_begun_auto_run_as_current(tmp_path):
-    """The run directory records what `auto` resolved to; dsembed-study must not call that stale."""
+def test_a_study_sees_a_begun_auto_run_as_current(tmp_path, monkeypatch):
+    """The run directory records what `auto` resolved to; dsembed-study must not call that stale on
+    a machine where auto resolves alike, and must on one where it does not."""
     from pathlib import Path
 
+    from dsembed.modeling import precision
     from dsembed.study.config import load_study
     from dsembed.study.runner import StudyRunner
     from dsembed.study.stages import changes
@@ -225,8 +227,13 @@ def test_a_study_sees_a_begun_auto_run_as_current(tmp_path):
     run_dir.mkdir(parents=True)
     begun = load_recipe(tmp_path / "r.yaml", ["model.dtype=bfloat16"])
     (run_dir / "recipe.yaml").write_text(begun.to_yaml())  # as the trainer writes it, resolved
+    here = {"dtype": "bfloat16"}
+    monkeypatch.setattr(precision, "resolve_dtype", lambda requested, device=None: precision.Precision("auto", here["dtype"], "test"))
     entry = runner._stages()["train a"]
     assert entry["partial"] is not None and changes(entry["partial"], entry["fingerprint"]) == []
+    here["dtype"] = "float32"  # a CPU without bf16 would resume it in float32: another run
+    entry = runner._stages()["train a"]
+    assert changes(entry["partial"], entry["fingerprint"]) == ["model.dtype_resolved 'bfloat16' -> 'float32'"]
     (tmp_path / "r.yaml").write_text(tiny.read_text())  # the study now asks for float32 explicitly
     entry = runner._stages()["train a"]
     assert any("model.dtype" in c for c in changes(entry["partial"], entry["fingerprint"]))
