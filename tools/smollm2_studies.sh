@@ -14,6 +14,9 @@
 #     --save-finished docs/results/data/<study>)
 # are reused when OUT lacks them: a new machine does not re-evaluate what was already scored with the
 # same recipe and settings, nor retrain those runs (only model1-s0, which the mining step needs).
+# They were made in bf16 (model.dtype auto on a CPU with AVX512-BF16), and stage fingerprints record
+# what auto resolves to: on a CPU without bf16 nothing saved matches and every run would be redone in
+# float32 (hours; docs/results/data/README.md).
 # docs/results/data/<study>-run1 keeps an earlier run made with other training settings: of it only
 # what those settings do not touch (the untrained base's evaluation) matches, and is reused.
 set -o pipefail
