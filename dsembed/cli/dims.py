@@ -38,3 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """Console-script entry point."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
