@@ -5,8 +5,8 @@ sizes (`settings.truncate_dim`, model name `<name>-d<size>`); its evaluation wit
 full size. `size_curves` groups such results files by model and size (seeds of one model merged as
 dsembed-compare does), `compare_sizes` tests every model against a baseline model at the same size
 (Wilcoxon over the datasets of a category, Holm over each model's size x category tests) and gives
-each model's retention (score at a size / its full-size score, or its largest size's), and `write_dims_report` writes
-dims.md, dims.json and dims.png.
+each model's retention (score at a size / its full-size score, or its largest size's), and
+`write_dims_report` writes dims.md, dims.json and dims.png.
 """
 from __future__ import annotations
 

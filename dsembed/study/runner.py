@@ -139,11 +139,12 @@ class StudyRunner:
             trained = recipe_fingerprint(recipe)
             partial = None
             if not (run_dir / "TRAINED").exists() and (run_dir / "recipe.yaml").is_file():
-                # the run directory records what model.dtype: auto resolved to, and a resume keeps it
-                auto = ["model.dtype=auto"] if recipe.model.dtype == "auto" else []
-                begun = recipe_fingerprint(load_recipe(run_dir / "recipe.yaml", auto))
-                if auto:  # ... on the machine that began it (bf16 there, float32 here: not one run)
-                    begun["recipe"]["model.dtype_resolved"] = load_recipe(run_dir / "recipe.yaml").model.dtype
+                # the run directory records what model.dtype: auto resolved to on the machine that
+                # began it, and a resume keeps it (bf16 there, float32 here: not one run)
+                begun = recipe_fingerprint(load_recipe(run_dir / "recipe.yaml"))
+                if recipe.model.dtype == "auto" and begun["recipe"]["model.dtype"] != "auto":
+                    begun["recipe"]["model.dtype_resolved"] = begun["recipe"]["model.dtype"]
+                    begun["recipe"]["model.dtype"] = "auto"
                 partial = {**begun, "model": trained["model"]}  # what a resume would mix with
             stages[f"train {name}"] = {"output": run_dir / "TRAINED", "fingerprint": trained, "partial": partial,
                                        "remove": [run_dir]}

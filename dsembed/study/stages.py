@@ -298,8 +298,8 @@ def times_table(out: Path) -> str:
 
 def save_finished(out: Path, dest: Path) -> list[str]:
     """Copy a study's finished evaluations (results JSON + their stages.json entries), its layer
-    probe (probe/) and its stage times to `dest`, a folder `--reuse` takes: a new machine then retrains (minutes) but does
-    not re-evaluate what was scored from the same recipe and settings.
+    probe (probe/) and its stage times to `dest`, a folder `--reuse` takes: a new machine then
+    retrains (minutes) but does not re-evaluate what was scored from the same recipe and settings.
 
     What `dest` held is merged, not replaced: a new machine's output folder holds the stages it
     reused from `dest` with only their evaluations and stage times, so the training and export
@@ -318,9 +318,9 @@ def save_finished(out: Path, dest: Path) -> list[str]:
     if not (out / LEDGER).is_file():
         raise UserError(f"--save-finished: {out} has no {LEDGER} (give the --output-dir of a study that ran)")
     ledger = StageLedger(out).entries
-    kept = {label: entry for label, entry in ledger.items() if _finished_output(out, label)}
-    for label in kept:
-        output = _finished_output(out, label)
+    finished = {label: output for label in ledger if (output := _finished_output(out, label))}
+    kept = {label: ledger[label] for label in finished}
+    for label, output in finished.items():
         # an evaluation's results JSON (not its per-task store); the probe's files (layers.json, plot)
         for file in sorted(output.parent.iterdir()) if label.startswith("probe ") else [output]:
             if file.is_file() and not file.name.startswith("."):

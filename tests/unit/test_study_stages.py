@@ -29,7 +29,6 @@ def test_recipe_fingerprint_sees_model_keys_and_ignores_logging_and_resume_keys(
     assert changes(base, changed) == ["optim.lr 0.002 -> 0.001", "pooling.layers 'all' -> 'top-2'"]
 
 
-
 def test_auto_dtype_is_fingerprinted_as_what_it_resolves_to_here(monkeypatch):
     """A study reused on a CPU without bf16 trains in float32: not the runs a bf16 machine recorded."""
     from dsembed.modeling import precision
@@ -44,6 +43,7 @@ def test_auto_dtype_is_fingerprinted_as_what_it_resolves_to_here(monkeypatch):
     before_the_key = {**bf16, "recipe": {k: v for k, v in bf16["recipe"].items() if k != "model.dtype_resolved"}}
     assert changes(before_the_key, fp32) == []  # an older ledger cannot say: not a change
     assert "model.dtype_resolved" not in recipe_fingerprint(load_recipe(TINY, ["model.dtype=float32"]))["recipe"]
+
 
 def test_local_input_model_identity_follows_its_files(tmp_path):
     model = tmp_path / "model"

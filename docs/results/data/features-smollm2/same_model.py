@@ -2,11 +2,11 @@
 
     python docs/results/data/features-smollm2/same_model.py STUDY_RESULT.json RESCORED.json
 
-The Matryoshka curve joins a run's truncated sizes (scored from a model trained on this machine)
-with the study's full-size evaluation of that run (possibly made on an earlier machine and reused by
-fingerprint). The chain also scores size 576, the full embedding re-normalised, from the same
-encoding; this prints, per category, both means x100 and the largest difference of a dataset's main
-score, so the report can say whether the curve's points come from one model.
+Used for the Matryoshka section of docs/results/training-features.md: the curve's runs were trained
+again on a CPU without bf16 (float32), and their size-576 evaluations (the full embedding) set beside
+the study's bf16 evaluations of the same recipes show what the precision alone changes. Prints each
+run's training summary and weights fingerprint, then per category both means x100 and the largest
+difference of a dataset's main score.
 """
 from __future__ import annotations
 
